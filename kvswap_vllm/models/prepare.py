@@ -219,10 +219,16 @@ def _install(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _os_error_message(exc: OSError, folder: Path) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"disk full while writing the model into {folder} ({exc.strerror}); nothing was kept"
-    return f"cannot write the model into {folder}: {exc.strerror or exc}; nothing was kept"
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _failure_message(exc: Exception, folder: Path) -> str:
+    """One line for a failed conversion; safetensors reports ENOSPC as its own error type."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS or f"os error {errno.ENOSPC})" in str(exc):
+        return f"disk full while writing the model into {folder}; nothing was kept"
+    if isinstance(exc, OSError):
+        return f"cannot write the model into {folder}: {exc.strerror or exc}; nothing was kept"
+    return f"conversion failed ({type(exc).__name__}: {exc}); nothing was kept"
 
 
 def prepare_model(opts: PrepareOptions) -> PreparedModel:
@@ -258,8 +264,10 @@ def prepare_model(opts: PrepareOptions) -> PreparedModel:
         }
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2))
         _step(3, 3, f"installing into {target}", lambda: _install(tmp, target))
-    except OSError as exc:
-        raise ModelPrepareError(_os_error_message(exc, root)) from exc
+    except ModelPrepareError:
+        raise
+    except Exception as exc:  # transformers/safetensors raise assorted types; the user gets one line
+        raise ModelPrepareError(_failure_message(exc, root)) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if answer:

@@ -26,6 +26,8 @@ class VllmGenerator(Generator):
         super().__init__(config)
         if _on_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+        # vLLM logs to stdout by default; stdout carries our report (and --json).
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM
 
         self._llm = LLM(

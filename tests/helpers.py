@@ -1,0 +1,51 @@
+"""Helpers shared by tests: a tiny GGUF writer, the CLI runner, real tmpfs mounts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama") -> Path:
+    """A valid GGUF with one small tensor and the given architecture (no real weights)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny-test-model")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def run_kvswap(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `kvswap` entry point the way a user does."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvswap_vllm.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO,
+    )
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, readonly: bool = False) -> Iterator[Path]:
+    """Mount a real small tmpfs at `path` (root only); skip the test where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if readonly else "")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here ({res.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -1,0 +1,63 @@
+"""Generation on the real default model: a real vLLM engine (one per module) and HF transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from kvswap_vllm.demo_document import build_document, entries_for_tokens
+from kvswap_vllm.generation import GenerationConfig, Generator, chat_prompt_ids, create_generator
+from tests.helpers import run_kvswap
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vllm_gen(default_model: Path) -> Iterator[Generator]:
+    with create_generator("vllm", GenerationConfig(model=default_model, max_new_tokens=20)) as gen:
+        yield gen
+
+
+@pytest.fixture(scope="module")
+def hf_gen(default_model: Path) -> Iterator[Generator]:
+    with create_generator("hf", GenerationConfig(model=default_model, max_new_tokens=20)) as gen:
+        yield gen
+
+
+def test_vllm_batch_of_different_lengths_in_order(vllm_gen: Generator, default_model: Path) -> None:
+    docs = [build_document(entries_for_tokens(n), depth=d, seed=s)
+            for n, d, s in [(1000, 0.2, 1), (3500, 0.5, 2), (2000, 0.9, 3)]]
+    prompts = [chat_prompt_ids(default_model, d.prompt()) for d in docs]
+    results = vllm_gen.generate(prompts)
+    assert [r.prompt_tokens for r in results] == [len(p) for p in prompts]
+    for doc, res in zip(docs, results):
+        assert doc.is_correct(res.text), (doc.answer, res.text)
+        assert res.new_tokens >= 1 and res.ttft_s > 0
+
+
+def test_vllm_greedy_equals_hf(vllm_gen: Generator, hf_gen: Generator, default_model: Path) -> None:
+    prompts = [chat_prompt_ids(default_model, q) for q in
+               ["What is the capital of France?", build_document(entries_for_tokens(2000)).prompt()]]
+    v, h = vllm_gen.generate(prompts), hf_gen.generate(prompts)
+    assert [r.text for r in v] == [r.text for r in h]
+    assert "Paris" in v[0].text
+
+
+def test_hf_rejects_too_long_prompt(hf_gen: Generator) -> None:
+    with pytest.raises(ValueError, match="max_model_len"):
+        hf_gen.generate([[1] * 8190])
+
+
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_cli_generate_builtin_document(engine: str, default_model: Path) -> None:
+    res = run_kvswap("generate", "--engine", engine, "--model", str(default_model), "--check", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["correct"] is True and report["engine"] == engine
+    assert report["kv_path"].startswith(engine)
+    assert 3000 < report["prompt_tokens"] < 4200
+    assert report["decode_tokens_per_s"] > 0 and report["peak_rss_mb"] > 500
+    assert report["processes"] >= (3 if engine == "vllm" else 1)

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from kvswap_vllm.resources import ResourceMeter
+
+CHILD = """
+import os, time
+buf = bytearray(300 * 2**20)
+for i in range(0, len(buf), 4096): buf[i] = 1
+with open(sys.argv[1], 'wb') as f:
+    f.write(os.urandom(16 * 2**20)); f.flush(); os.fsync(f.fileno())
+time.sleep(1.0)
+"""
+
+
+def test_meter_counts_children_rss_and_disk_writes(tmp_path) -> None:
+    with ResourceMeter(interval_s=0.05) as meter:
+        subprocess.run([sys.executable, "-c", "import sys\n" + CHILD, str(tmp_path / "f")], check=True)
+    usage = meter.usage
+    assert usage is not None
+    assert usage.peak_rss_bytes > 300 * 2**20
+    assert usage.disk_write_bytes >= 16 * 2**20
+    assert usage.num_processes >= 2
+
+
+def test_meter_idle_process_counts_little() -> None:
+    with ResourceMeter(interval_s=0.05) as meter:
+        pass
+    assert meter.usage is not None and meter.usage.disk_write_bytes < 2**20
