@@ -1,0 +1,455 @@
+"""DiskStore: the full KV cache on disk, as runs of groups per (sequence, layer).
+
+Reads take any set of groups, coalesce adjacent ones into extents, and issue the extents from
+a thread pool with O_DIRECT into aligned buffers; every group's checksum is verified, and a
+mismatch is reported as a miss (the caller recomputes), never served. Writes are whole block
+files made visible by an atomic rename. A byte capacity is enforced with LRU eviction of files
+no open sequence uses; a full disk stops writing (one warning) and reads go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from kvswap_vllm.store import fileio
+from kvswap_vllm.store.config import StoreConfig
+from kvswap_vllm.store.crypto import OVERHEAD, GroupCipher
+from kvswap_vllm.store.errors import FormatError, StoreError
+from kvswap_vllm.store.format import SegmentInfo, open_segment, serialize_segment
+from kvswap_vllm.store.throttle import Throttle
+
+log = logging.getLogger(__name__)
+SEGMENT_SUFFIX = ".arrow"
+# Refresh a file's mtime (the persisted LRU clock) at most this often per file.
+_TOUCH_INTERVAL_S = 30.0
+
+
+@dataclass
+class StoreStats:
+    """Counters since the store was opened."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    groups_read: int = 0
+    groups_written: int = 0
+    extents_read: int = 0
+    read_requests: int = 0
+    # Groups asked for that are not on disk (never written, evicted, or unreadable).
+    groups_missing: int = 0
+    checksum_failures: int = 0
+    corrupt_files: int = 0
+    evicted_files: int = 0
+    evicted_bytes: int = 0
+    capacity_rejects: int = 0
+    disk_full_events: int = 0
+    read_wait_s: float = 0.0
+    # True when reads bypass the page cache with O_DIRECT; False means buffered + DONTNEED.
+    direct_io: bool = False
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class ReadResult:
+    """Groups read for one (sequence, layer) request."""
+
+    # (len(group_ids), num_kv_heads, 2, group_size, head_dim); rows of missing groups are untouched.
+    kv: torch.Tensor
+    # Per requested group: True if its bytes were read and verified.
+    found: np.ndarray
+    bytes_read: int = 0
+    extents: int = 0
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i, ok in enumerate(self.found) if not ok]
+
+
+@dataclass
+class _Segment:
+    info: SegmentInfo
+    last_used: float
+    file: fileio.ReadFile | None = None
+    pins: int = 0
+
+
+@dataclass
+class _Extent:
+    seg: _Segment
+    first_row: int
+    count: int
+    # Positions in the caller's request that these rows fill.
+    out_pos: list[int] = field(default_factory=list)
+
+
+class DiskStore:
+    """The disk tier of one model and tenant (see StoreConfig)."""
+
+    def __init__(self, config: StoreConfig, throttle: Throttle | None = None) -> None:
+        self.config = config
+        self.stats = StoreStats()
+        self._lock = threading.RLock()
+        self._throttle = throttle
+        self._cipher = GroupCipher(config.encryption_key) if config.encryption_key else None
+        self._row_bytes = config.group_bytes + (OVERHEAD if self._cipher else 0)
+        self._segments: dict[tuple[str, int], list[_Segment]] = {}
+        self._by_hash: dict[bytes, tuple[str, int]] = {}
+        self._private: set[str] = set()
+        self._open_seqs: dict[str, int] = {}
+        self._used_bytes = 0
+        self._writes_disabled = False
+        fileio.ensure_private_dir(config.namespace, config.root)
+        self._direct = self._choose_direct_io()
+        self.stats.direct_io = self._direct
+        self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvswap-io")
+        self._load_index()
+
+    # ----- set-up -------------------------------------------------------------------------
+    def _choose_direct_io(self) -> bool:
+        if self.config.direct_io == "off":
+            return False
+        ok = fileio.direct_io_supported(self.config.namespace)
+        if not ok and self.config.direct_io == "on":
+            raise StoreError(f"direct_io='on' but {self.config.namespace} does not support O_DIRECT")
+        if not ok:
+            log.warning("kvswap store: O_DIRECT unsupported in %s; using buffered reads + DONTNEED",
+                        self.config.namespace)
+        return ok
+
+    def _load_index(self) -> None:
+        """Rebuild the index from the files on disk (survives restarts); drop damaged files."""
+        for path in sorted(self.config.namespace.rglob("*")):
+            if path.name.startswith(".tmp-"):
+                path.unlink(missing_ok=True)  # a write that never completed
+            elif path.suffix == SEGMENT_SUFFIX and path.is_file():
+                try:
+                    info = open_segment(path, self.config)
+                except FormatError as exc:
+                    log.warning("kvswap store: removing unusable block file: %s", exc)
+                    self.stats.corrupt_files += 1
+                    path.unlink(missing_ok=True)
+                    continue
+                self._add(_Segment(info, last_used=path.stat().st_mtime))
+
+    def _add(self, seg: _Segment) -> None:
+        info = seg.info
+        self._segments.setdefault((info.sequence, info.layer), []).append(seg)
+        self._segments[(info.sequence, info.layer)].sort(key=lambda s: s.info.first_group)
+        self._used_bytes += info.file_bytes
+        for row, h in enumerate(info.block_hashes):
+            if h is not None:
+                self._by_hash[h] = (info.sequence, info.first_group + row)
+
+    # ----- sequences ----------------------------------------------------------------------
+    def open_sequence(self, sequence: str, private: bool = True) -> None:
+        """Pin a sequence's files against eviction; private files are deleted on release."""
+        _check_name(sequence)
+        with self._lock:
+            self._open_seqs[sequence] = self._open_seqs.get(sequence, 0) + 1
+            if private:
+                self._private.add(sequence)
+
+    def release_sequence(self, sequence: str) -> None:
+        """Unpin; a private sequence's files are deleted now (prompts are private data)."""
+        with self._lock:
+            left = self._open_seqs.get(sequence, 0) - 1
+            if left > 0:
+                self._open_seqs[sequence] = left
+                return
+            self._open_seqs.pop(sequence, None)
+            if sequence in self._private:
+                self._private.discard(sequence)
+                self.delete_sequence(sequence)
+
+    def delete_sequence(self, sequence: str) -> None:
+        with self._lock:
+            for key in [k for k in self._segments if k[0] == sequence]:
+                for seg in self._segments.pop(key):
+                    self._drop_file(seg)
+        seq_dir = self.config.namespace / sequence
+        if seq_dir.is_dir() and not any(seq_dir.iterdir()):
+            seq_dir.rmdir()
+
+    def sequences(self) -> list[str]:
+        with self._lock:
+            return sorted({seq for seq, _ in self._segments})
+
+    def num_groups(self, sequence: str, layer: int) -> int:
+        """Groups stored contiguously from group 0 for (sequence, layer)."""
+        n = 0
+        with self._lock:
+            for seg in self._segments.get((sequence, layer), []):
+                if seg.info.first_group != n:
+                    break
+                n = seg.info.last_group + 1
+        return n
+
+    def find_block(self, block_hash: bytes) -> tuple[str, int] | None:
+        """(sequence, group id) of the group that ends the vLLM block with this content hash."""
+        with self._lock:
+            return self._by_hash.get(block_hash)
+
+    # ----- writes -------------------------------------------------------------------------
+    def write_groups(
+        self, sequence: str, layer: int, first_group: int, kv: torch.Tensor,
+        block_hashes: Sequence[bytes | None] | None = None,
+    ) -> bool:
+        """Store groups `first_group ...` of one layer; one file, visible all at once or not at all.
+
+        kv: (num_groups, num_kv_heads, 2, group_size, head_dim) in the store's dtype.
+        Returns False (and counts why) when the capacity or a full disk refuses the write.
+        """
+        _check_name(sequence)
+        n = self._check_kv(kv, layer)
+        hashes = list(block_hashes) if block_hashes is not None else [None] * n
+        if len(hashes) != n:
+            raise ValueError(f"block_hashes has {len(hashes)} entries for {n} groups")
+        if self._writes_disabled:
+            return False
+        rows, crcs = self._encode_rows(sequence, layer, first_group, kv)
+        data = serialize_segment(self.config, layer, sequence, first_group, rows, self._row_bytes, crcs, hashes)
+        with self._lock:
+            self._check_no_overlap(sequence, layer, first_group, n)
+            if not self._make_room(data.size):
+                self.stats.capacity_rejects += 1
+                return False
+            path = self._segment_path(sequence, layer, first_group)
+            fileio.ensure_private_dir(path.parent, self.config.root)
+        try:
+            fileio.write_atomic(path, memoryview(data))
+        except OSError as exc:
+            if not fileio.is_disk_full(exc):
+                raise StoreError(f"cannot write block file {path}: {exc.strerror or exc}") from exc
+            self._on_disk_full(path, exc)
+            return False
+        info = open_segment(path, self.config)
+        with self._lock:
+            self._add(_Segment(info, last_used=time.time()))
+            self.stats.bytes_written += data.size
+            self.stats.groups_written += n
+        return True
+
+    def _encode_rows(self, sequence: str, layer: int, first_group: int, kv: torch.Tensor) -> tuple[object, np.ndarray]:
+        raw = memoryview(kv.contiguous().view(torch.uint8).numpy()).cast("B")
+        gb = self.config.group_bytes
+        if self._cipher is not None:
+            sealed = [self._cipher.seal(raw[i * gb:(i + 1) * gb], _identity(sequence, layer, first_group + i))
+                      for i in range(len(kv))]
+            raw = memoryview(b"".join(sealed))
+        rb = self._row_bytes
+        crcs = np.fromiter((zlib.crc32(raw[i * rb:(i + 1) * rb]) for i in range(len(kv))), dtype=np.uint32,
+                           count=len(kv))
+        return raw, crcs
+
+    def _on_disk_full(self, path: Path, exc: OSError) -> None:
+        with self._lock:
+            self.stats.disk_full_events += 1
+            if not self._writes_disabled:
+                log.warning("kvswap store: disk full writing %s (%s); writes stop, reads continue",
+                            path, exc.strerror)
+            self._writes_disabled = True
+
+    @property
+    def writes_enabled(self) -> bool:
+        return not self._writes_disabled
+
+    def _check_kv(self, kv: torch.Tensor, layer: int) -> int:
+        if not isinstance(kv, torch.Tensor):
+            raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+        if kv.dim() != 5 or tuple(kv.shape[1:]) != self.config.group_shape:
+            raise ValueError(f"kv must have shape (n, {', '.join(map(str, self.config.group_shape))}), "
+                             f"got {tuple(kv.shape)}")
+        if kv.dtype != self.config.torch_dtype:
+            raise ValueError(f"kv dtype {kv.dtype} != store dtype {self.config.torch_dtype}")
+        if not 0 <= layer < self.config.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.config.num_layers})")
+        if kv.shape[0] < 1:
+            raise ValueError("kv holds no groups")
+        return int(kv.shape[0])
+
+    def _check_no_overlap(self, sequence: str, layer: int, first: int, n: int) -> None:
+        if first < 0:
+            raise ValueError(f"first_group must be >= 0, got {first}")
+        for seg in self._segments.get((sequence, layer), []):
+            if first <= seg.info.last_group and seg.info.first_group < first + n:
+                raise ValueError(f"groups {first}..{first + n - 1} of {sequence}/layer {layer} overlap "
+                                 f"stored groups {seg.info.first_group}..{seg.info.last_group}")
+
+    def _segment_path(self, sequence: str, layer: int, first_group: int) -> Path:
+        return self.config.namespace / sequence / f"L{layer:03d}-G{first_group:010d}{SEGMENT_SUFFIX}"
+
+    # ----- capacity -----------------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return self._used_bytes
+
+    def _make_room(self, nbytes: int) -> bool:
+        cap = self.config.capacity_bytes
+        if cap is None:
+            return True
+        if nbytes > cap:
+            return False
+        victims = sorted((s for segs in self._segments.values() for s in segs
+                          if s.pins == 0 and s.info.sequence not in self._open_seqs), key=lambda s: s.last_used)
+        for seg in victims:
+            if self._used_bytes + nbytes <= cap:
+                break
+            self._segments[(seg.info.sequence, seg.info.layer)].remove(seg)
+            self._drop_file(seg)
+            self.stats.evicted_files += 1
+            self.stats.evicted_bytes += seg.info.file_bytes
+        return self._used_bytes + nbytes <= cap
+
+    def _drop_file(self, seg: _Segment) -> None:
+        if seg.file is not None:
+            seg.file.close()
+            seg.file = None
+        seg.info.path.unlink(missing_ok=True)
+        self._used_bytes -= seg.info.file_bytes
+        for h in seg.info.block_hashes:
+            if h is not None and self._by_hash.get(h, (None,))[0] == seg.info.sequence:
+                del self._by_hash[h]
+
+    # ----- reads --------------------------------------------------------------------------
+    def read_groups(self, sequence: str, layer: int, group_ids: Iterable[int], out: torch.Tensor | None = None) -> ReadResult:
+        """Read groups of one layer of one sequence; adjacent groups become one read.
+
+        out: optional (len(group_ids), num_kv_heads, 2, group_size, head_dim) destination
+        (e.g. hot-tier slots); allocated when omitted.
+        """
+        ids = [int(g) for g in group_ids]
+        if out is None:
+            out = torch.empty((len(ids), *self.config.group_shape), dtype=self.config.torch_dtype)
+        elif tuple(out.shape) != (len(ids), *self.config.group_shape) or out.dtype != self.config.torch_dtype:
+            raise ValueError(f"out must be {(len(ids), *self.config.group_shape)} {self.config.torch_dtype}")
+        found = np.zeros(len(ids), dtype=bool)
+        t0 = time.perf_counter()
+        with self._lock:
+            extents = self._plan(sequence, layer, ids)
+            for ext in extents:
+                ext.seg.pins += 1
+        futures = [self._pool.submit(self._read_extent, sequence, layer, ext, ids, out, found) for ext in extents]
+        nbytes = 0
+        try:
+            for fut in futures:
+                nbytes += fut.result()
+        finally:
+            with self._lock:
+                for ext in extents:
+                    ext.seg.pins -= 1
+        with self._lock:
+            s = self.stats
+            s.read_requests += 1
+            s.extents_read += len(extents)
+            s.bytes_read += nbytes
+            s.groups_read += int(found.sum())
+            s.groups_missing += int((~found).sum())
+            s.read_wait_s += time.perf_counter() - t0
+        return ReadResult(kv=out, found=found, bytes_read=nbytes, extents=len(extents))
+
+    def _plan(self, sequence: str, layer: int, ids: list[int]) -> list[_Extent]:
+        """Group the requested ids by file, then into runs of adjacent rows (one read each)."""
+        segs = self._segments.get((sequence, layer), [])
+        starts = [s.info.first_group for s in segs]
+        extents: list[_Extent] = []
+        for pos, gid in sorted(enumerate(ids), key=lambda p: p[1]):
+            i = int(np.searchsorted(starts, gid, side="right")) - 1
+            if i < 0 or gid > segs[i].info.last_group:
+                continue
+            row = gid - segs[i].info.first_group
+            last = extents[-1] if extents else None
+            if last is not None and last.seg is segs[i] and row <= last.first_row + last.count:
+                last.count = max(last.count, row - last.first_row + 1)
+            else:
+                last = _Extent(segs[i], row, 1)
+                extents.append(last)
+            last.out_pos.append(pos)
+        return extents
+
+    def _read_extent(self, sequence: str, layer: int, ext: _Extent, ids: list[int], out: torch.Tensor,
+                     found: np.ndarray) -> int:
+        info, rb = ext.seg.info, self._row_bytes
+        try:
+            f = self._file(ext.seg)
+            if self._throttle is not None:
+                self._throttle.wait(ext.count * rb)
+            view, nread = f.read_extent(info.data_offset + ext.first_row * rb, ext.count * rb)
+        except (OSError, FormatError) as exc:
+            log.warning("kvswap store: read of %s failed (%s); treating its groups as missing", info.path, exc)
+            return 0
+        self._touch(ext.seg)
+        for pos in ext.out_pos:
+            row = ids[pos] - info.first_group
+            chunk = view[(row - ext.first_row) * rb:(row - ext.first_row + 1) * rb]
+            if zlib.crc32(chunk) != int(info.crc32[row]):
+                self._count_checksum_failure(info, ids[pos])
+                continue
+            if self._cipher is not None:
+                plain = self._cipher.open(chunk, _identity(sequence, layer, ids[pos]))
+                if plain is None:
+                    self._count_checksum_failure(info, ids[pos])
+                    continue
+                chunk = memoryview(plain)
+            out[pos].view(-1).view(torch.uint8).copy_(torch.frombuffer(chunk, dtype=torch.uint8))
+            found[pos] = True
+        return nread
+
+    def _count_checksum_failure(self, info: SegmentInfo, gid: int) -> None:
+        log.warning("kvswap store: checksum mismatch in %s group %d; not served", info.path, gid)
+        with self._lock:
+            self.stats.checksum_failures += 1
+
+    def _file(self, seg: _Segment) -> fileio.ReadFile:
+        with self._lock:
+            if seg.file is None:
+                seg.file = fileio.ReadFile.open(seg.info.path, self._direct)
+            return seg.file
+
+    def _touch(self, seg: _Segment) -> None:
+        now = time.time()
+        if now - seg.last_used > _TOUCH_INTERVAL_S:
+            try:
+                os.utime(seg.info.path, (now, now))  # persists the LRU order across restarts
+            except OSError:
+                pass
+        seg.last_used = now
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for seq in list(self._private):
+                self._open_seqs.pop(seq, None)
+                self._private.discard(seq)
+                self.delete_sequence(seq)
+            for segs in self._segments.values():
+                for seg in segs:
+                    if seg.file is not None:
+                        seg.file.close()
+                        seg.file = None
+
+    def __enter__(self) -> "DiskStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _identity(sequence: str, layer: int, group: int) -> bytes:
+    return f"{sequence}/{layer}/{group}".encode()
+
+
+def _check_name(sequence: str) -> None:
+    if not sequence or "/" in sequence or sequence.startswith(".") or len(sequence) > 200:
+        raise ValueError(f"invalid sequence name {sequence!r}: non-empty, no '/', not starting with '.'")

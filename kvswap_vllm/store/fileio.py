@@ -1,0 +1,159 @@
+"""Low-level file I/O: O_DIRECT with aligned buffers, atomic private writes, extent reads."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvswap_vllm.store.errors import ShortReadError, StoreError
+
+#: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
+#: 4 KiB covers every device we target.
+ALIGN = 4096
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def align_down(x: int) -> int:
+    return x - x % ALIGN
+
+
+def align_up(x: int) -> int:
+    return -(-x // ALIGN) * ALIGN
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """Page-aligned anonymous memory (what O_DIRECT needs), never backed by the page cache."""
+    return mmap.mmap(-1, max(ALIGN, align_up(nbytes)))
+
+
+def drop_page_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Ask the kernel to forget cached pages of a file (buffered fallback, written files)."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+
+
+def direct_io_supported(folder: Path) -> bool:
+    """Whether files in `folder` accept O_DIRECT reads (tmpfs, for one, does not)."""
+    probe = folder / f".kvswap-odirect-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * ALIGN)
+        fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        probe.unlink(missing_ok=True)
+        return False
+    try:
+        buf = aligned_buffer(ALIGN)
+        return os.preadv(fd, [buf], 0) == ALIGN
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+@dataclass
+class ReadFile:
+    """An open block file for reads: O_DIRECT when possible, else buffered with DONTNEED."""
+
+    fd: int
+    direct: bool
+    size: int
+
+    @classmethod
+    def open(cls, path: Path, direct: bool) -> "ReadFile":
+        flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+        fd = os.open(path, flags)
+        return cls(fd=fd, direct=direct, size=os.fstat(fd).st_size)
+
+    def read_extent(self, offset: int, length: int) -> tuple[memoryview, int]:
+        """Bytes [offset, offset+length) as a view into a fresh aligned buffer, and bytes read."""
+        start, end = align_down(offset), min(align_up(offset + length), align_up(self.size))
+        buf = aligned_buffer(end - start)
+        view = memoryview(buf)[: end - start]
+        got = 0
+        while got < end - start:
+            n = os.preadv(self.fd, [view[got:]], start + got)
+            if n == 0:
+                break
+            got += n
+        if got < offset + length - start:
+            raise ShortReadError(f"short read: wanted bytes up to {offset + length}, file ends at {start + got}")
+        if not self.direct:
+            drop_page_cache(self.fd, start, end - start)
+        return view[offset - start: offset - start + length], got
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def ensure_private_dir(path: Path, root: Path) -> None:
+    """Create `path` and every folder between `root` and it mode 0700; refuse symlinks and shared folders."""
+    check_private_dir(root, create=True)
+    current = root
+    for name in path.relative_to(root).parts:
+        current = current / name
+        check_private_dir(current, create=True)
+
+
+def check_private_dir(path: Path, create: bool) -> None:
+    if path.is_symlink():
+        raise StoreError(f"refusing cache folder {path}: it is a symlink (point the store at the real folder)")
+    if not path.exists():
+        if not create:
+            raise StoreError(f"cache folder {path} does not exist")
+        try:
+            path.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
+            os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask
+        except OSError as exc:
+            raise StoreError(f"cannot create cache folder {path}: {exc.strerror or exc}") from exc
+    st = path.stat()
+    if not os.path.isdir(path):
+        raise StoreError(f"cache path {path} is not a folder")
+    if st.st_mode & 0o022:
+        raise StoreError(f"refusing cache folder {path}: writable by group or others (mode {st.st_mode & 0o777:o}); "
+                         "chmod 700 it")
+    if st.st_uid != os.getuid():
+        raise StoreError(f"refusing cache folder {path}: owned by uid {st.st_uid}, not by this user")
+
+
+def write_atomic(path: Path, data: memoryview | bytes) -> None:
+    """Write a new private file: temp file, fsync, rename, fsync the folder.
+
+    A crash at any instant leaves either no file or the whole file under `path`; temp files
+    start with ".tmp-" and are ignored and removed by the store. ENOSPC is raised as OSError.
+    """
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        os.fsync(fd)
+        drop_page_cache(fd)  # written KV must not sit in the page cache either
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -1,0 +1,156 @@
+"""The block-file format (spec: docs/format.md): one Arrow IPC file = a run of groups of one
+layer of one sequence. Thin code over pyarrow; every check raises a precise FormatError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from kvswap_vllm.store.config import StoreConfig
+from kvswap_vllm.store.errors import FormatError, ModelMismatchError
+
+FORMAT_VERSION = 1
+#: Byte order of one group: KV heads, then K before V, then tokens, then head_dim.
+LAYOUT = "H,KV,G,D"
+ENCRYPTION_NONE = "none"
+ENCRYPTION_AES_GCM = "aes-256-gcm"
+_P = "kvswap."
+
+
+def schema(row_bytes: int, meta: dict[str, str]) -> pa.Schema:
+    """Columns: group_id, kv (one group's bytes), crc32 of kv, block_hash (nullable)."""
+    return pa.schema(
+        [
+            pa.field("group_id", pa.int64(), nullable=False),
+            pa.field("kv", pa.binary(row_bytes), nullable=False),
+            pa.field("crc32", pa.uint32(), nullable=False),
+            pa.field("block_hash", pa.binary(), nullable=True),
+        ],
+        metadata={f"{_P}{k}": v for k, v in meta.items()},
+    )
+
+
+def file_metadata(cfg: StoreConfig, layer: int, sequence: str, first_group: int) -> dict[str, str]:
+    """Schema metadata pinning everything a reader must agree on."""
+    return {
+        "format_version": str(FORMAT_VERSION),
+        "model_fingerprint": cfg.model_fingerprint,
+        "dtype": cfg.dtype,
+        "layer": str(layer),
+        "group_size": str(cfg.group_size),
+        "num_kv_heads": str(cfg.num_kv_heads),
+        "head_dim": str(cfg.head_dim),
+        "layout": LAYOUT,
+        "sequence": sequence,
+        "first_group": str(first_group),
+        "encryption": ENCRYPTION_AES_GCM if cfg.encryption_key else ENCRYPTION_NONE,
+    }
+
+
+def read_metadata(sch: pa.Schema, path: Path) -> dict[str, str]:
+    raw = sch.metadata or {}
+    meta = {k.decode()[len(_P):]: v.decode() for k, v in raw.items() if k.startswith(_P.encode())}
+    if "format_version" not in meta:
+        raise FormatError(f"{path}: an Arrow file, but not a kvswap block file (no kvswap.format_version)")
+    if meta["format_version"] != str(FORMAT_VERSION):
+        raise FormatError(
+            f"{path}: block-file format version {meta['format_version']}, this kvswap reads {FORMAT_VERSION}; "
+            "upgrade kvswap or delete the cache folder"
+        )
+    return meta
+
+
+def check_compatible(meta: dict[str, str], cfg: StoreConfig, path: Path) -> None:
+    """Refuse a file written for another model, dtype or layout."""
+    expected = file_metadata(cfg, layer=0, sequence="", first_group=0)
+    for key in ("model_fingerprint", "dtype", "group_size", "num_kv_heads", "head_dim", "layout", "encryption"):
+        if meta.get(key) != expected[key]:
+            raise ModelMismatchError(
+                f"{path}: written with {key}={meta.get(key)!r}, this store has {key}={expected[key]!r} "
+                "(a cache of another model or configuration)"
+            )
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """Where the bytes of a block file's groups are, read once from its Arrow footer."""
+
+    path: Path
+    layer: int
+    sequence: str
+    first_group: int
+    num_groups: int
+    # Bytes per row of the kv column (a group, plus nonce and tag when encrypted).
+    row_bytes: int
+    # File offset of row 0 of the kv column; rows are contiguous (fixed-size binary).
+    data_offset: int
+    crc32: np.ndarray
+    # block_hash per row (None where the group ends no vLLM block).
+    block_hashes: tuple[bytes | None, ...]
+    file_bytes: int
+
+    @property
+    def last_group(self) -> int:
+        return self.first_group + self.num_groups - 1
+
+
+def open_segment(path: Path, cfg: StoreConfig | None) -> SegmentInfo:
+    """Parse a block file's footer and metadata (not its data); check it against `cfg`."""
+    try:
+        with pa.memory_map(str(path)) as mm:
+            reader = pa.ipc.open_file(mm)
+            meta = read_metadata(reader.schema, path)
+            if cfg is not None:
+                check_compatible(meta, cfg, path)
+            if reader.num_record_batches != 1:
+                raise FormatError(f"{path}: {reader.num_record_batches} record batches, expected 1")
+            batch = reader.get_batch(0)
+            kv = batch.column("kv")
+            base = _base_address(mm)
+            info = SegmentInfo(
+                path=path,
+                layer=int(meta["layer"]),
+                sequence=meta["sequence"],
+                first_group=int(meta["first_group"]),
+                num_groups=batch.num_rows,
+                row_bytes=kv.type.byte_width,
+                data_offset=kv.buffers()[1].address - base + kv.offset * kv.type.byte_width,
+                crc32=batch.column("crc32").to_numpy().copy(),
+                block_hashes=tuple(batch.column("block_hash").to_pylist()),
+                file_bytes=mm.size(),
+            )
+            ids = batch.column("group_id").to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowIOError, KeyError, ValueError) as exc:
+        raise FormatError(f"{path}: damaged or truncated block file ({exc})") from exc
+    if not np.array_equal(ids, np.arange(info.first_group, info.first_group + info.num_groups)):
+        raise FormatError(f"{path}: group ids are not the contiguous run its metadata promises")
+    if info.data_offset + info.num_groups * info.row_bytes > info.file_bytes:
+        raise FormatError(f"{path}: kv column extends past the end of the file")
+    return info
+
+
+def _base_address(mm: pa.MemoryMappedFile) -> int:
+    mm.seek(0)
+    return mm.read_buffer(1).address
+
+
+def serialize_segment(
+    cfg: StoreConfig, layer: int, sequence: str, first_group: int,
+    rows: pa.Buffer | memoryview, row_bytes: int, crcs: np.ndarray, block_hashes: list[bytes | None],
+) -> pa.Buffer:
+    """One block file's bytes: a single record batch of `len(crcs)` groups."""
+    n = len(crcs)
+    sch = schema(row_bytes, file_metadata(cfg, layer, sequence, first_group))
+    kv = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(rows)])
+    batch = pa.record_batch(
+        [pa.array(np.arange(first_group, first_group + n, dtype=np.int64)), kv,
+         pa.array(crcs, type=pa.uint32()), pa.array(block_hashes, type=pa.binary())],
+        schema=sch,
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, sch) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue()
