@@ -25,7 +25,7 @@ import torch
 from kvswap_vllm.store import fileio
 from kvswap_vllm.store.config import StoreConfig
 from kvswap_vllm.store.crypto import OVERHEAD, GroupCipher
-from kvswap_vllm.store.errors import FormatError, StoreError
+from kvswap_vllm.store.errors import DamagedFileError, FormatError, StoreError
 from kvswap_vllm.store.format import SegmentInfo, open_segment, serialize_segment
 from kvswap_vllm.store.throttle import Throttle
 
@@ -48,7 +48,9 @@ class StoreStats:
     # Groups asked for that are not on disk (never written, evicted, or unreadable).
     groups_missing: int = 0
     checksum_failures: int = 0
+    # Damaged files found at start-up (removed) and files of another version/model (left alone).
     corrupt_files: int = 0
+    foreign_files: int = 0
     evicted_files: int = 0
     evicted_bytes: int = 0
     capacity_rejects: int = 0
@@ -136,10 +138,14 @@ class DiskStore:
             elif path.suffix == SEGMENT_SUFFIX and path.is_file():
                 try:
                     info = open_segment(path, self.config)
-                except FormatError as exc:
-                    log.warning("kvswap store: removing unusable block file: %s", exc)
+                except DamagedFileError as exc:
+                    log.warning("kvswap store: removing damaged block file: %s", exc)
                     self.stats.corrupt_files += 1
                     path.unlink(missing_ok=True)
+                    continue
+                except FormatError as exc:  # another version or model: not ours to delete
+                    log.warning("kvswap store: ignoring block file: %s", exc)
+                    self.stats.foreign_files += 1
                     continue
                 self._add(_Segment(info, last_used=path.stat().st_mtime))
 
@@ -306,11 +312,17 @@ class DiskStore:
         for seg in victims:
             if self._used_bytes + nbytes <= cap:
                 break
-            self._segments[(seg.info.sequence, seg.info.layer)].remove(seg)
+            self._forget(seg)
             self._drop_file(seg)
             self.stats.evicted_files += 1
             self.stats.evicted_bytes += seg.info.file_bytes
         return self._used_bytes + nbytes <= cap
+
+    def _forget(self, seg: _Segment) -> None:
+        key = (seg.info.sequence, seg.info.layer)
+        self._segments[key].remove(seg)
+        if not self._segments[key]:
+            del self._segments[key]
 
     def _drop_file(self, seg: _Segment) -> None:
         if seg.file is not None:
@@ -332,8 +344,9 @@ class DiskStore:
         ids = [int(g) for g in group_ids]
         if out is None:
             out = torch.empty((len(ids), *self.config.group_shape), dtype=self.config.torch_dtype)
-        elif tuple(out.shape) != (len(ids), *self.config.group_shape) or out.dtype != self.config.torch_dtype:
-            raise ValueError(f"out must be {(len(ids), *self.config.group_shape)} {self.config.torch_dtype}")
+        elif (tuple(out.shape) != (len(ids), *self.config.group_shape) or out.dtype != self.config.torch_dtype
+              or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {(len(ids), *self.config.group_shape)} {self.config.torch_dtype} tensor")
         found = np.zeros(len(ids), dtype=bool)
         t0 = time.perf_counter()
         with self._lock:
@@ -401,7 +414,7 @@ class DiskStore:
                 if plain is None:
                     self._count_checksum_failure(info, ids[pos])
                     continue
-                chunk = memoryview(plain)
+                chunk = memoryview(bytearray(plain))
             out[pos].view(-1).view(torch.uint8).copy_(torch.frombuffer(chunk, dtype=torch.uint8))
             found[pos] = True
         return nread

@@ -15,5 +15,9 @@ class ModelMismatchError(FormatError):
     """A block file belongs to another model, dtype or layout than the store's."""
 
 
-class ShortReadError(FormatError):
+class DamagedFileError(FormatError):
+    """A block file is truncated or its structure is broken; safe to delete."""
+
+
+class ShortReadError(DamagedFileError):
     """The file ended before the bytes its index promised (truncated)."""

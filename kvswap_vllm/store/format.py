@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from kvswap_vllm.store.config import StoreConfig
-from kvswap_vllm.store.errors import FormatError, ModelMismatchError
+from kvswap_vllm.store.errors import DamagedFileError, FormatError, ModelMismatchError
 
 FORMAT_VERSION = 1
 #: Byte order of one group: KV heads, then K before V, then tokens, then head_dim.
@@ -106,7 +106,7 @@ def open_segment(path: Path, cfg: StoreConfig | None) -> SegmentInfo:
             if cfg is not None:
                 check_compatible(meta, cfg, path)
             if reader.num_record_batches != 1:
-                raise FormatError(f"{path}: {reader.num_record_batches} record batches, expected 1")
+                raise DamagedFileError(f"{path}: {reader.num_record_batches} record batches, expected 1")
             batch = reader.get_batch(0)
             kv = batch.column("kv")
             base = _base_address(mm)
@@ -124,11 +124,11 @@ def open_segment(path: Path, cfg: StoreConfig | None) -> SegmentInfo:
             )
             ids = batch.column("group_id").to_numpy()
     except (pa.ArrowInvalid, pa.ArrowIOError, KeyError, ValueError) as exc:
-        raise FormatError(f"{path}: damaged or truncated block file ({exc})") from exc
+        raise DamagedFileError(f"{path}: damaged or truncated block file ({exc})") from exc
     if not np.array_equal(ids, np.arange(info.first_group, info.first_group + info.num_groups)):
-        raise FormatError(f"{path}: group ids are not the contiguous run its metadata promises")
+        raise DamagedFileError(f"{path}: group ids are not the contiguous run its metadata promises")
     if info.data_offset + info.num_groups * info.row_bytes > info.file_bytes:
-        raise FormatError(f"{path}: kv column extends past the end of the file")
+        raise DamagedFileError(f"{path}: kv column extends past the end of the file")
     return info
 
 

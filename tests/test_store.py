@@ -1,0 +1,296 @@
+"""The disk tier on real files: one suite run over plaintext/encrypted and direct/buffered I/O."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from kvswap_vllm.store import DiskStore, FormatError, ModelMismatchError, StoreConfig
+from kvswap_vllm.store.errors import StoreError
+from kvswap_vllm.store.format import open_segment
+from kvswap_vllm.store.profiles import PROFILES, get_profile
+from tests.helpers import REPO, tmpfs
+
+FP = "0123456789abcdef" * 2
+KEY = bytes(range(32))
+
+
+def make_cfg(root: Path, **kw) -> StoreConfig:
+    base = dict(root=root, model_fingerprint=FP, num_layers=4, num_kv_heads=3, head_dim=64, group_size=4)
+    return StoreConfig(**{**base, **kw})
+
+
+def groups(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 2, 4, 64, generator=g)
+
+
+@pytest.fixture(params=["plain-direct", "plain-buffered", "aes-direct"])
+def cfg(request, tmp_path: Path) -> StoreConfig:
+    kind = request.param
+    return make_cfg(tmp_path / "kv", direct_io="auto" if kind.endswith("direct") else "off",
+                    encryption_key=KEY if kind.startswith("aes") else None)
+
+
+def files(cfg: StoreConfig) -> list[Path]:
+    return sorted(cfg.namespace.rglob("*.arrow"))
+
+
+def test_roundtrip_any_order_with_duplicates_and_misses(cfg: StoreConfig) -> None:
+    kv = groups(50)
+    with DiskStore(cfg) as s:
+        assert s.write_groups("a", 1, 0, kv[:30]) and s.write_groups("a", 1, 30, kv[30:])
+        ids = [42, 3, 3, 29, 30, 31, 99, 0]
+        r = s.read_groups("a", 1, ids)
+        assert r.found.tolist() == [True] * 6 + [False, True]
+        for pos, gid in enumerate(ids):
+            if gid < 50:
+                assert torch.equal(r.kv[pos], kv[gid])
+        assert s.read_groups("a", 2, [0]).found.tolist() == [False]  # another layer: nothing
+        assert s.stats.direct_io == (cfg.direct_io == "auto")
+
+
+def test_adjacent_groups_coalesce_into_one_read(cfg: StoreConfig) -> None:
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, groups(64))
+        assert s.read_groups("a", 0, range(10, 20)).extents == 1
+        assert s.read_groups("a", 0, range(0, 20, 2)).extents == 10
+        assert s.read_groups("a", 0, [5, 6, 7, 40, 41]).extents == 2
+
+
+def test_survives_restart_with_block_hashes(cfg: StoreConfig) -> None:
+    kv = groups(8)
+    with DiskStore(cfg) as s:
+        s.open_sequence("shared", private=False)
+        s.write_groups("shared", 0, 0, kv, block_hashes=[None, None, None, b"blk-1", None, None, None, b"blk-2"])
+        s.release_sequence("shared")
+    with DiskStore(cfg) as s:
+        assert s.sequences() == ["shared"] and s.num_groups("shared", 0) == 8
+        assert s.find_block(b"blk-2") == ("shared", 7) and s.find_block(b"nope") is None
+        assert torch.equal(s.read_groups("shared", 0, range(8)).kv, kv)
+
+
+def test_plain_pyarrow_reads_documented_columns(cfg: StoreConfig) -> None:
+    kv = groups(5)
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 3, 10, kv)
+    table = pa.ipc.open_file(str(files(cfg)[0])).read_all()
+    assert table.column_names == ["group_id", "kv", "crc32", "block_hash"]
+    assert table.column("group_id").to_pylist() == [10, 11, 12, 13, 14]
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert meta["kvswap.format_version"] == "1" and meta["kvswap.layer"] == "3"
+    assert meta["kvswap.layout"] == "H,KV,G,D" and meta["kvswap.model_fingerprint"] == FP
+    if cfg.encryption_key is None:
+        row = np.frombuffer(table.column("kv")[2].as_py(), dtype=np.float32).reshape(3, 2, 4, 64)
+        assert np.array_equal(row, kv[2].numpy())
+    else:  # ciphertext only: the plaintext bytes appear nowhere in the file
+        assert kv[2].numpy().tobytes()[:64] not in files(cfg)[0].read_bytes()
+
+
+def test_refuses_other_model_and_unknown_version(cfg: StoreConfig, tmp_path: Path) -> None:
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, groups(2))
+    path = files(cfg)[0]
+    with pytest.raises(ModelMismatchError, match="model_fingerprint"):
+        open_segment(path, make_cfg(cfg.root, model_fingerprint="f" * 32, encryption_key=cfg.encryption_key))
+    with pytest.raises(ModelMismatchError, match="dtype"):
+        open_segment(path, make_cfg(cfg.root, dtype="float16", encryption_key=cfg.encryption_key))
+    table = pa.ipc.open_file(str(path)).read_all()
+    meta = dict(table.schema.metadata)
+    meta[b"kvswap.format_version"] = b"99"
+    future = tmp_path / "future.arrow"
+    with pa.ipc.new_file(str(future), table.schema.with_metadata(meta)) as w:
+        w.write_table(table.replace_schema_metadata(meta))
+    with pytest.raises(FormatError, match="format version 99, this kvswap reads 1"):
+        open_segment(future, cfg)
+    (tmp_path / "junk.arrow").write_bytes(b"not arrow at all")
+    with pytest.raises(FormatError, match="damaged or truncated"):
+        open_segment(tmp_path / "junk.arrow", cfg)
+
+
+def test_corrupt_byte_is_a_counted_miss_never_served(cfg: StoreConfig) -> None:
+    kv = groups(10)
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, kv)
+        info = open_segment(files(cfg)[0], cfg)
+        with open(info.path, "r+b") as f:  # flip one byte inside group 4
+            f.seek(info.data_offset + 4 * info.row_bytes + 100)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0xFF]))
+        r = s.read_groups("a", 0, range(10))
+        assert r.found.tolist() == [True] * 4 + [False] + [True] * 5
+        assert s.stats.checksum_failures == 1
+        assert torch.equal(r.kv[5:], kv[5:])
+
+
+def test_truncated_file_removed_at_start_and_missing_while_running(cfg: StoreConfig) -> None:
+    with DiskStore(cfg) as s:
+        s.open_sequence("a", private=False)
+        s.write_groups("a", 0, 0, groups(40))
+        path = files(cfg)[0]
+        os.truncate(path, path.stat().st_size // 2)
+        r = s.read_groups("a", 0, [0, 39])
+        assert r.found.tolist() == [True, False]
+    with DiskStore(cfg) as s:
+        assert s.stats.corrupt_files == 1 and files(cfg) == [] and s.num_groups("a", 0) == 0
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from tests.test_store import make_cfg
+from kvswap_vllm.store import DiskStore
+s = DiskStore(make_cfg(Path(sys.argv[1])))
+s.open_sequence("crash", private=False)
+i = 0
+while True:
+    s.write_groups("crash", i % 4, (i // 4) * 64, torch.full((64, 3, 2, 4, 64), float(i)))
+    i += 1
+"""
+
+
+def test_kill_during_writes_leaves_only_whole_files(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "kv")
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(cfg.root)], cwd=REPO)
+    deadline = time.time() + 60
+    while len(list(cfg.root.rglob("*.arrow"))) < 12 and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with DiskStore(cfg) as s:
+        assert s.stats.corrupt_files == 0 and not list(cfg.root.rglob(".tmp-*"))
+        for layer in range(4):
+            n = s.num_groups("crash", layer)
+            assert n >= 64 * 2
+            r = s.read_groups("crash", layer, range(n))
+            assert r.found.all()
+            # Every group of a file holds the value its writer put there: nothing partial.
+            assert torch.equal(r.kv[:, 0, 0, 0, 0], torch.arange(n).div(64, rounding_mode="floor").float() * 4 + layer)
+
+
+def test_capacity_holds_across_restarts_and_spares_open_sequences(tmp_path: Path) -> None:
+    one = len(groups(16).numpy().tobytes())
+    cfg = make_cfg(tmp_path / "kv", capacity_bytes=int(3.5 * one))
+    with DiskStore(cfg) as s:
+        s.open_sequence("pinned", private=False)
+        assert s.write_groups("pinned", 0, 0, groups(16))
+        for i in range(3):
+            assert s.write_groups(f"old{i}", 0, 0, groups(16))
+            time.sleep(0.01)
+        assert s.used_bytes <= cfg.capacity_bytes and s.stats.evicted_files == 1
+        assert s.sequences() == ["old1", "old2", "pinned"]
+        s.release_sequence("pinned")
+    with DiskStore(cfg) as s:
+        assert s.used_bytes == sum(p.stat().st_size for p in files(cfg)) <= cfg.capacity_bytes
+        s.open_sequence("new", private=False)
+        assert s.write_groups("new", 0, 0, groups(16))
+        # The mtime order survived the restart: the oldest file ("pinned", now released) went first.
+        assert s.sequences() == ["new", "old1", "old2"]
+        assert not s.write_groups("new", 1, 0, groups(64))  # larger than the whole capacity
+        assert s.stats.capacity_rejects == 1
+
+
+def test_disk_full_warns_once_stops_writing_keeps_reading(tmp_path: Path, caplog) -> None:
+    with tmpfs(tmp_path / "small", "2m") as small:
+        cfg = make_cfg(small / "kv")
+        with caplog.at_level(logging.WARNING), DiskStore(cfg) as s:
+            s.open_sequence("a", private=False)
+            kv = groups(32)
+            results = [s.write_groups("a", 0, 32 * i, kv) for i in range(20)]
+            assert results[0] and not all(results) and not s.writes_enabled
+            assert sum("disk full" in r.message for r in caplog.records) == 1
+            assert s.read_groups("a", 0, range(32)).found.all()
+            assert not list(small.rglob(".tmp-*"))
+
+
+def test_privacy_modes_namespaces_and_private_deletion(tmp_path: Path) -> None:
+    a = make_cfg(tmp_path / "kv", tenant="alice")
+    b = make_cfg(tmp_path / "kv", tenant="bob")
+    with DiskStore(a) as sa, DiskStore(b) as sb:
+        sa.open_sequence("secret")
+        sa.write_groups("secret", 0, 0, groups(2))
+        sa.open_sequence("shared", private=False)
+        sa.write_groups("shared", 0, 0, groups(2))
+        assert sb.sequences() == [] and sb.read_groups("secret", 0, [0]).found.tolist() == [False]
+        for p in [a.root, *a.root.rglob("*")]:
+            mode = p.stat().st_mode & 0o777
+            assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
+        sa.release_sequence("secret")
+        assert sa.sequences() == ["shared"] and not (a.namespace / "secret").exists()
+
+
+def test_refuses_symlinked_or_shared_folders(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(StoreError, match="symlink"):
+        DiskStore(make_cfg(tmp_path / "link"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(StoreError, match="writable by group or others"):
+        DiskStore(make_cfg(shared))
+
+
+def test_encrypted_group_moved_elsewhere_fails(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "kv", encryption_key=KEY)
+    with DiskStore(cfg) as s:
+        s.open_sequence("a", private=False)
+        s.write_groups("a", 0, 0, groups(2))
+    path = files(cfg)[0]
+    table = pa.ipc.open_file(str(path)).read_all()
+    # Swap two sealed groups together with their checksums: the CRCs pass, AES-GCM must not.
+    cols = [table.column(name) for name in table.column_names]
+    cols[1], cols[2] = cols[1].take([1, 0]), cols[2].take([1, 0])
+    swapped = pa.Table.from_arrays(cols, schema=table.schema)
+    with pa.ipc.new_file(str(path), table.schema) as w:
+        w.write_table(swapped)
+    with DiskStore(cfg) as s:
+        assert s.read_groups("a", 0, [0, 1]).found.tolist() == [False, False]
+        assert s.stats.checksum_failures == 2
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [({"num_layers": 0}, "num_layers"), ({"dtype": "int8"}, "dtype"), ({"tenant": "../x"}, "tenant"),
+     ({"model_fingerprint": "XYZ"}, "fingerprint"), ({"capacity_bytes": 10}, "capacity"),
+     ({"direct_io": "maybe"}, "direct_io"), ({"encryption_key": b"short"}, "32 bytes")],
+)
+def test_config_validation(tmp_path: Path, kw: dict, needle: str) -> None:
+    with pytest.raises(StoreError, match=needle):
+        make_cfg(tmp_path, **kw)
+
+
+def test_write_validation(cfg: StoreConfig) -> None:
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, groups(4))
+        with pytest.raises(ValueError, match="overlap"):
+            s.write_groups("a", 0, 2, groups(4))
+        with pytest.raises(ValueError, match="shape"):
+            s.write_groups("a", 0, 10, torch.zeros(2, 3, 2, 4, 32))
+        with pytest.raises(ValueError, match="dtype"):
+            s.write_groups("a", 0, 10, groups(2).half())
+        with pytest.raises(ValueError, match="invalid sequence name"):
+            s.write_groups("../etc", 0, 0, groups(1))
+        with pytest.raises(ValueError, match="layer"):
+            s.write_groups("a", 9, 0, groups(1))
+
+
+def test_profiles() -> None:
+    assert set(PROFILES) == {"nvme", "ufs", "emmc", "sd"}
+    bytes_per_token = 3 * 64 * 2 * 4
+    sizes = [PROFILES[n].group_size(bytes_per_token) for n in ("nvme", "emmc", "sd")]
+    assert sizes == sorted(sizes) and all(1 <= g <= 16 for g in sizes)
+    with pytest.raises(StoreError, match="unknown storage profile"):
+        get_profile("floppy")
