@@ -36,6 +36,8 @@ class StoreConfig:
     direct_io: str = "auto"
     # Reads in flight at once (threads issuing preadv).
     io_threads: int = 8
+    # One read per run of adjacent groups; False = one read per group (benchmarks compare both).
+    coalesce_reads: bool = True
     # 32-byte AES-256-GCM key for encryption at rest; None = plaintext.
     encryption_key: bytes | None = field(default=None, repr=False)
 

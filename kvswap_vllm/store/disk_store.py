@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from kvswap_vllm.store import fileio
 from kvswap_vllm.store.config import StoreConfig
 from kvswap_vllm.store.crypto import OVERHEAD, GroupCipher
 from kvswap_vllm.store.errors import DamagedFileError, FormatError, StoreError
-from kvswap_vllm.store.format import SegmentInfo, open_segment, serialize_segment
+from kvswap_vllm.store.format import SegmentInfo, open_segment, parse_segment, serialize_segment
 from kvswap_vllm.store.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -225,25 +226,26 @@ class DiskStore:
         if self._writes_disabled:
             return False
         rows, crcs = self._encode_rows(sequence, layer, first_group, kv)
-        data = serialize_segment(self.config, layer, sequence, first_group, rows, self._row_bytes, crcs, hashes)
+        data = serialize_segment(self.config, layer, sequence, first_group, rows, self._row_bytes, crcs, hashes,
+                                 allocate=lambda size: fileio.thread_buffer(size, role="write"))
         with self._lock:
             self._check_no_overlap(sequence, layer, first_group, n)
-            if not self._make_room(data.size):
+            if not self._make_room(len(data)):
                 self.stats.capacity_rejects += 1
                 return False
             path = self._segment_path(sequence, layer, first_group)
             fileio.ensure_private_dir(path.parent, self.config.root)
         try:
-            fileio.write_atomic(path, memoryview(data))
+            fileio.write_atomic(path, data)
         except OSError as exc:
             if not fileio.is_disk_full(exc):
                 raise StoreError(f"cannot write block file {path}: {exc.strerror or exc}") from exc
             self._on_disk_full(path, exc)
             return False
-        info = open_segment(path, self.config)
+        info = parse_segment(pa.py_buffer(data), path, self.config)
         with self._lock:
             self._add(_Segment(info, last_used=time.time()))
-            self.stats.bytes_written += data.size
+            self.stats.bytes_written += len(data)
             self.stats.groups_written += n
         return True
 
@@ -254,10 +256,18 @@ class DiskStore:
             sealed = [self._cipher.seal(raw[i * gb:(i + 1) * gb], _identity(sequence, layer, first_group + i))
                       for i in range(len(kv))]
             raw = memoryview(b"".join(sealed))
+        return raw, self._checksums(raw, len(kv))
+
+    def _checksums(self, raw: memoryview, n: int) -> np.ndarray:
+        """CRC32 of each row; large writes are split over the I/O threads (zlib drops the GIL)."""
         rb = self._row_bytes
-        crcs = np.fromiter((zlib.crc32(raw[i * rb:(i + 1) * rb]) for i in range(len(kv))), dtype=np.uint32,
-                           count=len(kv))
-        return raw, crcs
+        step = max(1, (8 << 20) // rb)
+
+        def chunk(first: int) -> list[int]:
+            return [zlib.crc32(raw[i * rb:(i + 1) * rb]) for i in range(first, min(n, first + step))]
+
+        parts = self._pool.map(chunk, range(0, n, step)) if n > step else [chunk(0)]
+        return np.fromiter((c for part in parts for c in part), dtype=np.uint32, count=n)
 
     def _on_disk_full(self, path: Path, exc: OSError) -> None:
         with self._lock:
@@ -353,7 +363,11 @@ class DiskStore:
             extents = self._plan(sequence, layer, ids)
             for ext in extents:
                 ext.seg.pins += 1
-        futures = [self._pool.submit(self._read_extent, sequence, layer, ext, ids, out, found) for ext in extents]
+        out_rows = out.view(len(ids), -1).view(torch.uint8)  # (len(ids), group_bytes)
+        # One task per I/O thread, each reading its share of extents in turn: as many reads in
+        # flight as threads, without paying a future per extent.
+        lanes = [extents[i::self.config.io_threads] for i in range(min(self.config.io_threads, len(extents)))]
+        futures = [self._pool.submit(self._read_lane, sequence, layer, lane, ids, out_rows, found) for lane in lanes]
         nbytes = 0
         try:
             for fut in futures:
@@ -375,23 +389,33 @@ class DiskStore:
     def _plan(self, sequence: str, layer: int, ids: list[int]) -> list[_Extent]:
         """Group the requested ids by file, then into runs of adjacent rows (one read each)."""
         segs = self._segments.get((sequence, layer), [])
-        starts = [s.info.first_group for s in segs]
-        extents: list[_Extent] = []
-        for pos, gid in sorted(enumerate(ids), key=lambda p: p[1]):
-            i = int(np.searchsorted(starts, gid, side="right")) - 1
-            if i < 0 or gid > segs[i].info.last_group:
-                continue
-            row = gid - segs[i].info.first_group
-            last = extents[-1] if extents else None
-            if last is not None and last.seg is segs[i] and row <= last.first_row + last.count:
-                last.count = max(last.count, row - last.first_row + 1)
-            else:
-                last = _Extent(segs[i], row, 1)
-                extents.append(last)
-            last.out_pos.append(pos)
+        if not segs or not ids:
+            return []
+        starts = np.array([sg.info.first_group for sg in segs])
+        lasts = np.array([sg.info.last_group for sg in segs])
+        want = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(want, kind="stable")
+        gid = want[order]
+        seg = np.searchsorted(starts, gid, side="right") - 1
+        keep = (seg >= 0) & (gid <= lasts[np.maximum(seg, 0)])
+        order, gid, seg = order[keep], gid[keep], seg[keep]
+        if len(gid) == 0:
+            return []
+        gap = np.diff(gid)
+        joins = (gap == 0) | ((gap == 1) & self.config.coalesce_reads)
+        breaks = np.flatnonzero((np.diff(seg) != 0) | ~joins) + 1
+        extents = []
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(gid)]):
+            sg = segs[int(seg[lo])]
+            first = int(gid[lo]) - sg.info.first_group
+            extents.append(_Extent(sg, first, int(gid[hi - 1] - gid[lo]) + 1, order[lo:hi].tolist()))
         return extents
 
-    def _read_extent(self, sequence: str, layer: int, ext: _Extent, ids: list[int], out: torch.Tensor,
+    def _read_lane(self, sequence: str, layer: int, lane: list[_Extent], ids: list[int], out_rows: torch.Tensor,
+                   found: np.ndarray) -> int:
+        return sum(self._read_extent(sequence, layer, ext, ids, out_rows, found) for ext in lane)
+
+    def _read_extent(self, sequence: str, layer: int, ext: _Extent, ids: list[int], out_rows: torch.Tensor,
                      found: np.ndarray) -> int:
         info, rb = ext.seg.info, self._row_bytes
         try:
@@ -403,20 +427,38 @@ class DiskStore:
             log.warning("kvswap store: read of %s failed (%s); treating its groups as missing", info.path, exc)
             return 0
         self._touch(ext.seg)
-        for pos in ext.out_pos:
-            row = ids[pos] - info.first_group
-            chunk = view[(row - ext.first_row) * rb:(row - ext.first_row + 1) * rb]
-            if zlib.crc32(chunk) != int(info.crc32[row]):
-                self._count_checksum_failure(info, ids[pos])
+        crc = np.fromiter((zlib.crc32(view[r * rb:(r + 1) * rb]) for r in range(ext.count)), np.uint32, ext.count)
+        ok = crc == info.crc32[ext.first_row:ext.first_row + ext.count]
+        pos = np.asarray(ext.out_pos)
+        rel = np.asarray([ids[p] for p in ext.out_pos]) - info.first_group - ext.first_row
+        for r in np.flatnonzero(~ok):
+            self._count_checksum_failure(info, info.first_group + ext.first_row + int(r))
+        if self._cipher is not None:
+            return self._open_sealed(sequence, layer, info, ext, view, ok, pos, rel, out_rows, found, nread)
+        good = ok[rel]
+        src = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
+        if good.all() and len(pos) == ext.count and np.array_equal(rel, np.arange(ext.count)) \
+                and np.array_equal(pos, np.arange(pos[0], pos[0] + ext.count)):
+            out_rows[int(pos[0]):int(pos[0]) + ext.count].copy_(src)  # the common case: one copy
+        else:
+            out_rows[torch.from_numpy(pos[good])] = src[torch.from_numpy(rel[good])]
+        found[pos[good]] = True
+        return nread
+
+    def _open_sealed(self, sequence: str, layer: int, info: SegmentInfo, ext: _Extent, view: memoryview,
+                     ok: np.ndarray, pos: np.ndarray, rel: np.ndarray, out_rows: torch.Tensor,
+                     found: np.ndarray, nread: int) -> int:
+        rb, gb = self._row_bytes, self.config.group_bytes
+        for p, r in zip(pos.tolist(), rel.tolist()):
+            if not ok[r]:
                 continue
-            if self._cipher is not None:
-                plain = self._cipher.open(chunk, _identity(sequence, layer, ids[pos]))
-                if plain is None:
-                    self._count_checksum_failure(info, ids[pos])
-                    continue
-                chunk = memoryview(bytearray(plain))
-            out[pos].view(-1).view(torch.uint8).copy_(torch.frombuffer(chunk, dtype=torch.uint8))
-            found[pos] = True
+            gid = info.first_group + ext.first_row + r
+            plain = self._cipher.open(view[r * rb:(r + 1) * rb], _identity(sequence, layer, gid))  # type: ignore[union-attr]
+            if plain is None:
+                self._count_checksum_failure(info, gid)
+                continue
+            out_rows[p, :gb].copy_(torch.frombuffer(bytearray(plain), dtype=torch.uint8))
+            found[p] = True
         return nread
 
     def _count_checksum_failure(self, info: SegmentInfo, gid: int) -> None:

@@ -3,8 +3,10 @@ layer of one sequence. Thin code over pyarrow; every check raises a precise Form
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -101,28 +103,39 @@ def open_segment(path: Path, cfg: StoreConfig | None) -> SegmentInfo:
     """Parse a block file's footer and metadata (not its data); check it against `cfg`."""
     try:
         with pa.memory_map(str(path)) as mm:
-            reader = pa.ipc.open_file(mm)
-            meta = read_metadata(reader.schema, path)
-            if cfg is not None:
-                check_compatible(meta, cfg, path)
-            if reader.num_record_batches != 1:
-                raise DamagedFileError(f"{path}: {reader.num_record_batches} record batches, expected 1")
-            batch = reader.get_batch(0)
-            kv = batch.column("kv")
-            base = _base_address(mm)
-            info = SegmentInfo(
-                path=path,
-                layer=int(meta["layer"]),
-                sequence=meta["sequence"],
-                first_group=int(meta["first_group"]),
-                num_groups=batch.num_rows,
-                row_bytes=kv.type.byte_width,
-                data_offset=kv.buffers()[1].address - base + kv.offset * kv.type.byte_width,
-                crc32=batch.column("crc32").to_numpy().copy(),
-                block_hashes=tuple(batch.column("block_hash").to_pylist()),
-                file_bytes=mm.size(),
-            )
-            ids = batch.column("group_id").to_numpy()
+            return parse_segment(mm, path, cfg)
+    except OSError as exc:
+        raise DamagedFileError(f"{path}: cannot open block file ({exc})") from exc
+
+
+def parse_segment(source: pa.NativeFile | pa.Buffer, path: Path, cfg: StoreConfig | None) -> SegmentInfo:
+    """SegmentInfo of a block file held in a memory map or an in-memory buffer."""
+    if isinstance(source, pa.Buffer):
+        base, size, source = source.address, source.size, pa.BufferReader(source)
+    else:
+        base, size = _base_address(source), source.size()
+    try:
+        reader = pa.ipc.open_file(source)
+        meta = read_metadata(reader.schema, path)
+        if cfg is not None:
+            check_compatible(meta, cfg, path)
+        if reader.num_record_batches != 1:
+            raise DamagedFileError(f"{path}: {reader.num_record_batches} record batches, expected 1")
+        batch = reader.get_batch(0)
+        kv = batch.column("kv")
+        info = SegmentInfo(
+            path=path,
+            layer=int(meta["layer"]),
+            sequence=meta["sequence"],
+            first_group=int(meta["first_group"]),
+            num_groups=batch.num_rows,
+            row_bytes=kv.type.byte_width,
+            data_offset=kv.buffers()[1].address - base + kv.offset * kv.type.byte_width,
+            crc32=batch.column("crc32").to_numpy().copy(),
+            block_hashes=tuple(batch.column("block_hash").to_pylist()),
+            file_bytes=size,
+        )
+        ids = batch.column("group_id").to_numpy()
     except (pa.ArrowInvalid, pa.ArrowIOError, KeyError, ValueError) as exc:
         raise DamagedFileError(f"{path}: damaged or truncated block file ({exc})") from exc
     if not np.array_equal(ids, np.arange(info.first_group, info.first_group + info.num_groups)):
@@ -132,16 +145,18 @@ def open_segment(path: Path, cfg: StoreConfig | None) -> SegmentInfo:
     return info
 
 
-def _base_address(mm: pa.MemoryMappedFile) -> int:
+def _base_address(mm: pa.NativeFile) -> int:
     mm.seek(0)
     return mm.read_buffer(1).address
 
 
 def serialize_segment(
     cfg: StoreConfig, layer: int, sequence: str, first_group: int,
-    rows: pa.Buffer | memoryview, row_bytes: int, crcs: np.ndarray, block_hashes: list[bytes | None],
-) -> pa.Buffer:
-    """One block file's bytes: a single record batch of `len(crcs)` groups."""
+    rows: memoryview, row_bytes: int, crcs: np.ndarray, block_hashes: list[bytes | None],
+    allocate: Callable[[int], mmap.mmap],
+) -> memoryview:
+    """One block file's bytes (a single record batch of `len(crcs)` groups), serialised straight
+    into memory from `allocate(size)`: page-aligned memory lets the write bypass the page cache."""
     n = len(crcs)
     sch = schema(row_bytes, file_metadata(cfg, layer, sequence, first_group))
     kv = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(rows)])
@@ -150,7 +165,14 @@ def serialize_segment(
          pa.array(crcs, type=pa.uint32()), pa.array(block_hashes, type=pa.binary())],
         schema=sch,
     )
-    sink = pa.BufferOutputStream()
+    mock = pa.MockOutputStream()
+    _write_ipc(mock, sch, batch)
+    size = mock.size()
+    buf = allocate(size)
+    _write_ipc(pa.FixedSizeBufferWriter(pa.py_buffer(buf)), sch, batch)
+    return memoryview(buf)[:size]
+
+
+def _write_ipc(sink: pa.NativeFile, sch: pa.Schema, batch: pa.RecordBatch) -> None:
     with pa.ipc.new_file(sink, sch) as writer:
         writer.write_batch(batch)
-    return sink.getvalue()
