@@ -94,9 +94,10 @@ def write_dataset(store: DiskStore, files: int, groups_per_file: int) -> tuple[f
     src = torch.randn((groups_per_file, *cfg.group_shape)).to(cfg.torch_dtype)
     store.open_sequence("bench", private=False)
     t0 = time.perf_counter()
-    for layer in range(files):
-        if not store.write_groups("bench", layer, 0, src):
-            raise RuntimeError("benchmark write refused (capacity or disk full)")
+    # As a prefill does: layer L+1 is checksummed and serialised while layer L is written.
+    futures = [store.write_groups_async("bench", layer, 0, src) for layer in range(files)]
+    if not all(f.result() for f in futures):
+        raise RuntimeError("benchmark write refused (capacity or disk full)")
     dt = time.perf_counter() - t0
     nbytes = files * groups_per_file * cfg.group_bytes
     return nbytes / dt / 1e6, nbytes

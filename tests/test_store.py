@@ -60,6 +60,18 @@ def test_roundtrip_any_order_with_duplicates_and_misses(cfg: StoreConfig) -> Non
         assert s.stats.direct_io == (cfg.direct_io == "auto")
 
 
+def test_async_writes_are_readable_after_flush(cfg: StoreConfig) -> None:
+    kv = groups(40)
+    with DiskStore(cfg) as s:
+        futures = [s.write_groups_async("a", layer, 0, kv) for layer in range(4)]
+        with pytest.raises(ValueError, match="overlap"):  # pending writes count as stored
+            s.write_groups_async("a", 3, 10, kv[:5])
+        s.flush()
+        assert all(f.done() and f.result() for f in futures)
+        for layer in range(4):
+            assert torch.equal(s.read_groups("a", layer, range(40)).kv, kv)
+
+
 def test_adjacent_groups_coalesce_into_one_read(cfg: StoreConfig) -> None:
     with DiskStore(cfg) as s:
         s.write_groups("a", 0, 0, groups(64))

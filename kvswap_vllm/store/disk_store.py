@@ -10,11 +10,13 @@ no open sequence uses; a full disk stops writing (one warning) and reads go on.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import queue
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -95,6 +97,9 @@ class _Extent:
     count: int
     # Positions in the caller's request that these rows fill.
     out_pos: list[int] = field(default_factory=list)
+    # When row i of the extent fills position out_start + i for every i (no duplicates, in
+    # order): that position; else -1.
+    out_start: int = -1
 
 
 class DiskStore:
@@ -117,6 +122,13 @@ class DiskStore:
         self._direct = self._choose_direct_io()
         self.stats.direct_io = self._direct
         self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvswap-io")
+        # One writer thread keeps files in submission order; two buffers let the next file be
+        # serialised while the previous one is written.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvswap-writer")
+        self._slots: queue.Queue[_WriteSlot] = queue.Queue()
+        for _ in range(2):
+            self._slots.put(_WriteSlot())
+        self._pending: list[tuple[str, int, int, int]] = []
         self._load_index()
 
     # ----- set-up -------------------------------------------------------------------------
@@ -216,38 +228,73 @@ class DiskStore:
         """Store groups `first_group ...` of one layer; one file, visible all at once or not at all.
 
         kv: (num_groups, num_kv_heads, 2, group_size, head_dim) in the store's dtype.
-        Returns False (and counts why) when the capacity or a full disk refuses the write.
+        Returns once the file is durable and readable; False (counted) when the capacity or a
+        full disk refuses the write.
         """
+        return self.write_groups_async(sequence, layer, first_group, kv, block_hashes).result()
+
+    def write_groups_async(
+        self, sequence: str, layer: int, first_group: int, kv: torch.Tensor,
+        block_hashes: Sequence[bytes | None] | None = None,
+    ) -> Future[bool]:
+        """Like write_groups, but only checksums and serialisation happen now; the disk write
+        runs in the writer thread, so a prefill prepares layer L+1 while layer L is written.
+        The groups become readable when the future resolves; `kv` may be reused at once."""
         _check_name(sequence)
         n = self._check_kv(kv, layer)
         hashes = list(block_hashes) if block_hashes is not None else [None] * n
         if len(hashes) != n:
             raise ValueError(f"block_hashes has {len(hashes)} entries for {n} groups")
         if self._writes_disabled:
-            return False
-        rows, crcs = self._encode_rows(sequence, layer, first_group, kv)
-        data = serialize_segment(self.config, layer, sequence, first_group, rows, self._row_bytes, crcs, hashes,
-                                 allocate=lambda size: fileio.thread_buffer(size, role="write"))
+            return _resolved(False)
         with self._lock:
             self._check_no_overlap(sequence, layer, first_group, n)
-            if not self._make_room(len(data)):
-                self.stats.capacity_rejects += 1
-                return False
-            path = self._segment_path(sequence, layer, first_group)
-            fileio.ensure_private_dir(path.parent, self.config.root)
+        rows, crcs = self._encode_rows(sequence, layer, first_group, kv)
+        slot = self._slots.get()  # blocks while every buffer is being written: back-pressure
         try:
-            fileio.write_atomic(path, data)
+            data = serialize_segment(self.config, layer, sequence, first_group, rows, self._row_bytes, crcs,
+                                     hashes, allocate=slot.ensure)
+            with self._lock:
+                self._check_no_overlap(sequence, layer, first_group, n)
+                if not self._make_room(len(data)):
+                    self.stats.capacity_rejects += 1
+                    self._slots.put(slot)
+                    return _resolved(False)
+                self._used_bytes += len(data)  # reserved until the file exists
+                self._pending.append((sequence, layer, first_group, n))
+                path = self._segment_path(sequence, layer, first_group)
+                fileio.ensure_private_dir(path.parent, self.config.root)
+        except BaseException:
+            self._slots.put(slot)
+            raise
+        return self._writer.submit(self._finish_write, path, data, slot, (sequence, layer, first_group, n))
+
+    def _finish_write(self, path: Path, data: memoryview, slot: _WriteSlot, key: tuple[str, int, int, int]) -> bool:
+        try:
+            try:
+                fileio.write_atomic(path, data)
+                info = parse_segment(pa.py_buffer(data), path, self.config)
+            finally:
+                self._slots.put(slot)
         except OSError as exc:
+            with self._lock:
+                self._used_bytes -= len(data)
+                self._pending.remove(key)
             if not fileio.is_disk_full(exc):
                 raise StoreError(f"cannot write block file {path}: {exc.strerror or exc}") from exc
             self._on_disk_full(path, exc)
             return False
-        info = parse_segment(pa.py_buffer(data), path, self.config)
         with self._lock:
+            self._used_bytes -= len(data)
+            self._pending.remove(key)
             self._add(_Segment(info, last_used=time.time()))
             self.stats.bytes_written += len(data)
-            self.stats.groups_written += n
+            self.stats.groups_written += key[3]
         return True
+
+    def flush(self) -> None:
+        """Wait until every write submitted so far is durable and readable."""
+        self._writer.submit(lambda: None).result()
 
     def _encode_rows(self, sequence: str, layer: int, first_group: int, kv: torch.Tensor) -> tuple[object, np.ndarray]:
         raw = memoryview(kv.contiguous().view(torch.uint8).numpy()).cast("B")
@@ -298,10 +345,12 @@ class DiskStore:
     def _check_no_overlap(self, sequence: str, layer: int, first: int, n: int) -> None:
         if first < 0:
             raise ValueError(f"first_group must be >= 0, got {first}")
-        for seg in self._segments.get((sequence, layer), []):
-            if first <= seg.info.last_group and seg.info.first_group < first + n:
+        stored = [(sg.info.first_group, sg.info.num_groups) for sg in self._segments.get((sequence, layer), [])]
+        pending = [(f, c) for s, ly, f, c in self._pending if (s, ly) == (sequence, layer)]
+        for lo, count in stored + pending:
+            if first < lo + count and lo < first + n:
                 raise ValueError(f"groups {first}..{first + n - 1} of {sequence}/layer {layer} overlap "
-                                 f"stored groups {seg.info.first_group}..{seg.info.last_group}")
+                                 f"stored groups {lo}..{lo + count - 1}")
 
     def _segment_path(self, sequence: str, layer: int, first_group: int) -> Path:
         return self.config.namespace / sequence / f"L{layer:03d}-G{first_group:010d}{SEGMENT_SUFFIX}"
@@ -408,7 +457,9 @@ class DiskStore:
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(gid)]):
             sg = segs[int(seg[lo])]
             first = int(gid[lo]) - sg.info.first_group
-            extents.append(_Extent(sg, first, int(gid[hi - 1] - gid[lo]) + 1, order[lo:hi].tolist()))
+            count, pos = int(gid[hi - 1] - gid[lo]) + 1, order[lo:hi]
+            in_order = len(pos) == count and pos[-1] - pos[0] == count - 1 and bool(np.all(np.diff(pos) == 1))
+            extents.append(_Extent(sg, first, count, pos.tolist(), int(pos[0]) if in_order else -1))
         return extents
 
     def _read_lane(self, sequence: str, layer: int, lane: list[_Extent], ids: list[int], out_rows: torch.Tensor,
@@ -427,8 +478,15 @@ class DiskStore:
             log.warning("kvswap store: read of %s failed (%s); treating its groups as missing", info.path, exc)
             return 0
         self._touch(ext.seg)
-        crc = np.fromiter((zlib.crc32(view[r * rb:(r + 1) * rb]) for r in range(ext.count)), np.uint32, ext.count)
-        ok = crc == info.crc32[ext.first_row:ext.first_row + ext.count]
+        crc = [zlib.crc32(view[r * rb:(r + 1) * rb]) for r in range(ext.count)]
+        expected = info.crc32[ext.first_row:ext.first_row + ext.count]
+        if ext.out_start >= 0 and self._cipher is None and crc == expected.tolist():
+            # The common case: a run of requested groups, all intact, landing in consecutive rows.
+            rows = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
+            out_rows[ext.out_start:ext.out_start + ext.count].copy_(rows)
+            found[ext.out_start:ext.out_start + ext.count] = True
+            return nread
+        ok = np.asarray(crc, dtype=np.uint32) == expected
         pos = np.asarray(ext.out_pos)
         rel = np.asarray([ids[p] for p in ext.out_pos]) - info.first_group - ext.first_row
         for r in np.flatnonzero(~ok):
@@ -437,11 +495,7 @@ class DiskStore:
             return self._open_sealed(sequence, layer, info, ext, view, ok, pos, rel, out_rows, found, nread)
         good = ok[rel]
         src = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
-        if good.all() and len(pos) == ext.count and np.array_equal(rel, np.arange(ext.count)) \
-                and np.array_equal(pos, np.arange(pos[0], pos[0] + ext.count)):
-            out_rows[int(pos[0]):int(pos[0]) + ext.count].copy_(src)  # the common case: one copy
-        else:
-            out_rows[torch.from_numpy(pos[good])] = src[torch.from_numpy(rel[good])]
+        out_rows[torch.from_numpy(pos[good])] = src[torch.from_numpy(rel[good])]
         found[pos[good]] = True
         return nread
 
@@ -482,6 +536,7 @@ class DiskStore:
         seg.last_used = now
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         with self._lock:
             for seq in list(self._private):
@@ -499,6 +554,24 @@ class DiskStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _WriteSlot:
+    """A page-aligned serialisation buffer, grown on demand and reused."""
+
+    def __init__(self) -> None:
+        self.buf: mmap.mmap | None = None
+
+    def ensure(self, size: int) -> mmap.mmap:
+        if self.buf is None or len(self.buf) < size:
+            self.buf = fileio.aligned_buffer(size)
+        return self.buf
+
+
+def _resolved(value: bool) -> Future[bool]:
+    fut: Future[bool] = Future()
+    fut.set_result(value)
+    return fut
 
 
 def _identity(sequence: str, layer: int, group: int) -> bytes:
