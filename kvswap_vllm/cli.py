@@ -148,6 +148,36 @@ def _print_report(r: dict, question: str | None, as_json: bool) -> None:
           f"disk read {r['disk_read_mb']} MB, written {r['disk_written_mb']} MB")
 
 
+def _cmd_store_inspect(args: argparse.Namespace) -> int:
+    from kvswap_vllm.store.inspect import format_table, inspect_dir, summarize
+
+    root = args.dir.expanduser()
+    if not root.is_dir():
+        raise KVSwapError(f"not a folder: {root}")
+    reports = inspect_dir(root, verify=args.verify)
+    if args.json:
+        print(json.dumps({"root": str(root), "summary": summarize(reports),
+                          "files": [r.as_dict() for r in reports]}, indent=2))
+    else:
+        print(format_table(reports))
+        print(summarize(reports))
+    return 0
+
+
+def _cmd_store_probe(args: argparse.Namespace) -> int:
+    from kvswap_vllm.paths import kv_dir, profiles_dir
+    from kvswap_vllm.store.probe import probe
+
+    folder = (args.dir or kv_dir()).expanduser()
+    out = (args.out or profiles_dir() / "probed.json").expanduser()
+    profile, rows = probe(folder, size_mb=args.size_mb, seconds_per_cell=args.seconds_per_cell)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(out)
+    (out.with_suffix(".matrix.json")).write_text(json.dumps(rows, indent=2) + "\n")
+    print(json.dumps({"profile": str(out), **profile.__dict__}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvswap_vllm.generation import ENGINES
 
@@ -178,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     lst = model_sub.add_parser("list", help="list prepared models", description="List prepared models.")
     _add_models_dir(lst)
     lst.set_defaults(func=_cmd_model_list)
+
+    store = sub.add_parser("store", help="inspect the disk tier and measure the storage device",
+                           description="Inspect the disk tier and measure the storage device.")
+    store_sub = store.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
+    insp = store_sub.add_parser(
+        "inspect", help="list block files, models, versions, sizes and checksum status",
+        description="List the block files below DIR with their format version, model fingerprint, layer, "
+        "group count, size and checksum status (every group's CRC32 is verified unless --no-verify).",
+    )
+    insp.add_argument("dir", type=Path, help="a disk-tier folder (e.g. ~/.cache/kvswap/kv)")
+    insp.add_argument("--no-verify", dest="verify", action="store_false", help="skip reading the data")
+    insp.add_argument("--json", action="store_true", help="print JSON")
+    insp.set_defaults(func=_cmd_store_inspect)
+    prb = store_sub.add_parser(
+        "probe", help="measure the device: O_DIRECT reads, 4 KiB-1 MiB x queue depth 1-32",
+        description="Write a scratch file, time O_DIRECT random reads for request sizes 4 KiB-1 MiB at queue "
+        "depths 1-32, and write a storage profile (usable as --storage-profile FILE) plus the full matrix.",
+    )
+    prb.add_argument("--dir", type=Path, default=None, help="folder on the device (default: ~/.cache/kvswap/kv)")
+    prb.add_argument("--out", type=Path, default=None,
+                     help="profile JSON to write (default: ~/.cache/kvswap/profiles/probed.json)")
+    prb.add_argument("--size-mb", type=_positive_int, default=256, help="scratch file size (default: 256)")
+    prb.add_argument("--seconds-per-cell", type=float, default=0.25, help="time per measurement (default: 0.25)")
+    prb.set_defaults(func=_cmd_store_probe)
 
     gen = sub.add_parser(
         "generate", help="answer a question about a long document and report the cost",

@@ -27,3 +27,13 @@ def models_dir(override: str | os.PathLike[str] | None = None) -> Path:
     if os.environ.get(MODELS_ENV):
         return Path(os.environ[MODELS_ENV]).expanduser()
     return kvswap_home() / "models"
+
+
+def kv_dir() -> Path:
+    """Default root of the disk tier: <home>/kv."""
+    return kvswap_home() / "kv"
+
+
+def profiles_dir() -> Path:
+    """Where `kvswap store probe` writes measured storage profiles."""
+    return kvswap_home() / "profiles"
