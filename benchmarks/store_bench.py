@@ -28,7 +28,7 @@ import torch
 
 from kvswap_vllm.store import DiskStore, StoreConfig
 from kvswap_vllm.store.disk_store import ReadResult
-from kvswap_vllm.store.fileio import align_up as fileio_align_up, aligned_buffer
+from kvswap_vllm.store.fileio import align_up as fileio_align_up, aligned_buffer, aligned_tensor
 from kvswap_vllm.store.format import open_segment
 from kvswap_vllm.store.probe import read_extents, resident_bytes
 from kvswap_vllm.store.profiles import PROFILES
@@ -66,15 +66,17 @@ def runs(ids: list[int]) -> list[tuple[int, int]]:
 
 
 def raw_write_mb_s(folder: Path, files: int, file_bytes: int) -> float:
-    """The same files written raw: O_DIRECT sequential 1 MiB writes + fsync each."""
-    buf = aligned_buffer(1 << 20)
-    buf.write(os.urandom(1 << 20))
+    """The same files written raw: each file's bytes from memory, O_DIRECT 1 MiB writes, fsync."""
+    size = fileio_align_up(file_bytes)
+    buf = aligned_buffer(size)
+    buf.write(os.urandom(1 << 20) * (size >> 20) + os.urandom(size % (1 << 20)))
+    view = memoryview(buf)
     t0 = time.perf_counter()
     for i in range(files):
         path = folder / f"raw-write-{i}.bin"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
-        for off in range(0, file_bytes, 1 << 20):
-            os.pwritev(fd, [memoryview(buf)[: min(1 << 20, fileio_align_up(file_bytes - off))]], off)
+        for off in range(0, size, 1 << 20):
+            os.pwritev(fd, [view[off:min(size, off + (1 << 20))]], off)
         os.fsync(fd)
         os.close(fd)
     dt = time.perf_counter() - t0
@@ -88,19 +90,35 @@ def store_config(root: Path, group_kib: int, qd: int, **kw) -> StoreConfig:
                        group_size=group_kib * 1024 // TOKEN_BYTES, dtype=DTYPE, io_threads=qd, **kw)
 
 
-def write_dataset(store: DiskStore, files: int, groups_per_file: int) -> tuple[float, int]:
+def write_dataset(store: DiskStore, files: int, groups_per_file: int, sequence: str = "bench") -> tuple[float, int]:
     """Write `files` layers of one sequence (prefill-style, one big file each); (MB/s, bytes)."""
     cfg = store.config
     src = torch.randn((groups_per_file, *cfg.group_shape)).to(cfg.torch_dtype)
-    store.open_sequence("bench", private=False)
+    store.open_sequence(sequence, private=False)
     t0 = time.perf_counter()
     # As a prefill does: layer L+1 is checksummed and serialised while layer L is written.
-    futures = [store.write_groups_async("bench", layer, 0, src) for layer in range(files)]
+    futures = [store.write_groups_async(sequence, layer, 0, src) for layer in range(files)]
     if not all(f.result() for f in futures):
         raise RuntimeError("benchmark write refused (capacity or disk full)")
     dt = time.perf_counter() - t0
     nbytes = files * groups_per_file * cfg.group_bytes
     return nbytes / dt / 1e6, nbytes
+
+
+def bench_writes(store: DiskStore, files: int, groups_per_file: int, rounds: int) -> tuple[float, float, int]:
+    """Store and raw writes of the same files, alternated over `rounds`; (store MB/s, raw MB/s, bytes).
+    Round 0 leaves the dataset the reads use."""
+    t_store = t_raw = 0.0
+    nbytes = 0
+    for r in range(rounds):
+        seq = "bench" if r == 0 else f"w{r}"
+        mb_s, nbytes = write_dataset(store, files, groups_per_file, seq)
+        t_store += nbytes / mb_s
+        t_raw += nbytes / raw_write_mb_s(store.config.namespace, files, nbytes // files)
+        if r:
+            store.release_sequence(seq)
+            store.delete_sequence(seq)
+    return nbytes * rounds / t_store, nbytes * rounds / t_raw, nbytes
 
 
 def bench_group_size(root: Path, group_kib: int, data_mb: int, fraction: float, qd: int, passes: int,
@@ -109,8 +127,7 @@ def bench_group_size(root: Path, group_kib: int, data_mb: int, fraction: float, 
     files = 16
     groups_per_file = max(64, data_mb * 2**20 // files // cfg.group_bytes)
     with DiskStore(cfg) as store:
-        write_mb_s, nbytes = write_dataset(store, files, groups_per_file)
-    raw_w = raw_write_mb_s(cfg.namespace, files, nbytes // files)
+        write_mb_s, raw_w, nbytes = bench_writes(store, files, groups_per_file, rounds=3)
     # A second store over the same files issues one read per group.
     with DiskStore(cfg) as store, DiskStore(store_config(root, group_kib, qd, coalesce_reads=False)) as single:
         store.open_sequence("bench", private=False)
@@ -127,7 +144,7 @@ def bench_group_size(root: Path, group_kib: int, data_mb: int, fraction: float, 
                 single_ext = [(info.data_offset + g * info.row_bytes, info.row_bytes) for g in sel]
                 extents_total += len(coalesced)
                 extents_bytes += sum(c for _, c in coalesced)
-                out = torch.empty((len(sel), *cfg.group_shape), dtype=cfg.torch_dtype)
+                out = aligned_tensor((len(sel), *cfg.group_shape), cfg.torch_dtype)
                 # Alternate the four readers so drift in the machine hits them alike.
                 for name, fn in (
                     ("raw_coalesced", lambda: read_extents(info.path, coalesced, qd)),
@@ -170,7 +187,7 @@ def bench_memory(root: Path, group_kib: int, read_gb: float, fraction: float, qd
         write_mb_s, _ = write_dataset(store, files, per_file)
         paths = sorted((cfg.namespace / "bench").glob("*.arrow"))
         cache0 = sum(resident_bytes(p) for p in paths)
-        out = torch.empty((per_file, *cfg.group_shape), dtype=cfg.torch_dtype)
+        out = aligned_tensor((per_file, *cfg.group_shape), cfg.torch_dtype)
         rss0 = peak = proc.memory_info().rss
         target, t0 = read_gb * 1e9, time.perf_counter()
         while store.stats.bytes_read < target:

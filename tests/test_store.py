@@ -80,6 +80,16 @@ def test_adjacent_groups_coalesce_into_one_read(cfg: StoreConfig) -> None:
         assert s.read_groups("a", 0, [5, 6, 7, 40, 41]).extents == 2
 
 
+def test_long_runs_split_at_max_read_bytes(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "kv", max_read_bytes=10 * 6144)  # 10 groups per read
+    kv = groups(64)
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, kv)
+        r = s.read_groups("a", 0, range(5, 50))
+        assert r.extents == 5 and r.found.all() and torch.equal(r.kv, kv[5:50])
+        assert s.read_groups("a", 0, [*range(0, 12), *range(30, 33)]).extents == 3
+
+
 def test_survives_restart_with_block_hashes(cfg: StoreConfig) -> None:
     kv = groups(8)
     with DiskStore(cfg) as s:
@@ -97,7 +107,7 @@ def test_plain_pyarrow_reads_documented_columns(cfg: StoreConfig) -> None:
     with DiskStore(cfg) as s:
         s.write_groups("a", 3, 10, kv)
     table = pa.ipc.open_file(str(files(cfg)[0])).read_all()
-    assert table.column_names == ["group_id", "kv", "crc32", "block_hash"]
+    assert table.column_names == ["kv", "group_id", "crc32", "block_hash"]
     assert table.column("group_id").to_pylist() == [10, 11, 12, 13, 14]
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     assert meta["kvswap.format_version"] == "1" and meta["kvswap.layer"] == "3"
@@ -263,8 +273,9 @@ def test_encrypted_group_moved_elsewhere_fails(tmp_path: Path) -> None:
     path = files(cfg)[0]
     table = pa.ipc.open_file(str(path)).read_all()
     # Swap two sealed groups together with their checksums: the CRCs pass, AES-GCM must not.
-    cols = [table.column(name) for name in table.column_names]
-    cols[1], cols[2] = cols[1].take([1, 0]), cols[2].take([1, 0])
+    cols = {name: table.column(name) for name in table.column_names}
+    cols["kv"], cols["crc32"] = cols["kv"].take([1, 0]), cols["crc32"].take([1, 0])
+    cols = list(cols.values())
     swapped = pa.Table.from_arrays(cols, schema=table.schema)
     with pa.ipc.new_file(str(path), table.schema) as w:
         w.write_table(swapped)
@@ -306,3 +317,26 @@ def test_profiles() -> None:
     assert sizes == sorted(sizes) and all(1 <= g <= 16 for g in sizes)
     with pytest.raises(StoreError, match="unknown storage profile"):
         get_profile("floppy")
+
+
+def test_zero_copy_reads_land_in_aligned_rows_and_are_verified(tmp_path: Path, monkeypatch) -> None:
+    cfg = make_cfg(tmp_path / "kv", group_size=8)  # 3 x 2 x 8 x 64 x 4 B = 12 KiB: 4 KiB multiple
+    kv = torch.randn(32, 3, 2, 8, 64)
+    calls = []
+    real = DiskStore._read_in_place
+    monkeypatch.setattr(DiskStore, "_read_in_place", lambda self, *a: calls.append(1) or real(self, *a))
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, kv)
+        info = open_segment(files(cfg)[0], cfg)
+        assert info.data_offset % 4096 == 0
+        r = s.read_groups("a", 0, range(4, 20))
+        assert r.found.all() and torch.equal(r.kv, kv[4:20])
+        assert (len(calls) > 0) == s.stats.direct_io
+        with open(info.path, "r+b") as f:  # damage group 6: detected in place, not served
+            f.seek(info.data_offset + 6 * info.row_bytes + 5)
+            f.write(b"\x00\x01\x02")
+        r = s.read_groups("a", 0, range(4, 20))
+        assert r.found.tolist() == [True, True, False] + [True] * 13
+        assert s.stats.checksum_failures == 1
+        r = s.read_groups("a", 0, [9, 9, 3])  # duplicates and reversed order: the copy path
+        assert r.found.all() and torch.equal(r.kv, kv[[9, 9, 3]])

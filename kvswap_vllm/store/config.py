@@ -38,6 +38,9 @@ class StoreConfig:
     io_threads: int = 8
     # One read per run of adjacent groups; False = one read per group (benchmarks compare both).
     coalesce_reads: bool = True
+    # Longer runs are split into reads of at most this many bytes (at least one group), so
+    # that large selections still keep several requests in flight.
+    max_read_bytes: int = 512 << 10
     # 32-byte AES-256-GCM key for encryption at rest; None = plaintext.
     encryption_key: bytes | None = field(default=None, repr=False)
 
@@ -47,6 +50,8 @@ class StoreConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise StoreError(f"StoreConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.max_read_bytes, int) or self.max_read_bytes < 4096:
+            raise StoreError(f"StoreConfig.max_read_bytes must be an int >= 4096, got {self.max_read_bytes!r}")
         if self.dtype not in DTYPES:
             raise StoreError(f"StoreConfig.dtype {self.dtype!r} unsupported; supported: {', '.join(DTYPES)}")
         if not _NAME.match(self.tenant):

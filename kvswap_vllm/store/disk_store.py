@@ -70,7 +70,7 @@ class StoreStats:
 class ReadResult:
     """Groups read for one (sequence, layer) request."""
 
-    # (len(group_ids), num_kv_heads, 2, group_size, head_dim); rows of missing groups are untouched.
+    # (len(group_ids), num_kv_heads, 2, group_size, head_dim); rows of groups not found are undefined.
     kv: torch.Tensor
     # Per requested group: True if its bytes were read and verified.
     found: np.ndarray
@@ -167,9 +167,8 @@ class DiskStore:
         self._segments.setdefault((info.sequence, info.layer), []).append(seg)
         self._segments[(info.sequence, info.layer)].sort(key=lambda s: s.info.first_group)
         self._used_bytes += info.file_bytes
-        for row, h in enumerate(info.block_hashes):
-            if h is not None:
-                self._by_hash[h] = (info.sequence, info.first_group + row)
+        for row, h in info.block_hashes.items():
+            self._by_hash[h] = (info.sequence, info.first_group + row)
 
     # ----- sequences ----------------------------------------------------------------------
     def open_sequence(self, sequence: str, private: bool = True) -> None:
@@ -389,8 +388,8 @@ class DiskStore:
             seg.file = None
         seg.info.path.unlink(missing_ok=True)
         self._used_bytes -= seg.info.file_bytes
-        for h in seg.info.block_hashes:
-            if h is not None and self._by_hash.get(h, (None,))[0] == seg.info.sequence:
+        for h in seg.info.block_hashes.values():
+            if self._by_hash.get(h, (None,))[0] == seg.info.sequence:
                 del self._by_hash[h]
 
     # ----- reads --------------------------------------------------------------------------
@@ -398,11 +397,13 @@ class DiskStore:
         """Read groups of one layer of one sequence; adjacent groups become one read.
 
         out: optional (len(group_ids), num_kv_heads, 2, group_size, head_dim) destination
-        (e.g. hot-tier slots); allocated when omitted.
+        (e.g. hot-tier slots); allocated page-aligned when omitted. Runs of groups whose file
+        offsets and destination rows are 4 KiB-aligned are read straight into `out` (zero-copy);
+        others are copied once from an aligned I/O buffer. Rows of groups not found are undefined.
         """
         ids = [int(g) for g in group_ids]
         if out is None:
-            out = torch.empty((len(ids), *self.config.group_shape), dtype=self.config.torch_dtype)
+            out = fileio.aligned_tensor((len(ids), *self.config.group_shape), self.config.torch_dtype)
         elif (tuple(out.shape) != (len(ids), *self.config.group_shape) or out.dtype != self.config.torch_dtype
               or not out.is_contiguous()):
             raise ValueError(f"out must be a contiguous {(len(ids), *self.config.group_shape)} {self.config.torch_dtype} tensor")
@@ -452,7 +453,13 @@ class DiskStore:
             return []
         gap = np.diff(gid)
         joins = (gap == 0) | ((gap == 1) & self.config.coalesce_reads)
-        breaks = np.flatnonzero((np.diff(seg) != 0) | ~joins) + 1
+        # Cut long runs every max_read_bytes: a run's k-th chunk starts where (gid - run start)
+        # crosses a multiple of the chunk length.
+        chunk = max(1, self.config.max_read_bytes // self._row_bytes)
+        run_id = np.r_[0, np.cumsum(~joins | (np.diff(seg) != 0))]
+        run_start = gid[np.r_[0, np.flatnonzero(np.diff(run_id)) + 1]][run_id]
+        piece = (gid - run_start) // chunk
+        breaks = np.flatnonzero((np.diff(run_id) != 0) | (np.diff(piece) != 0)) + 1
         extents = []
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(gid)]):
             sg = segs[int(seg[lo])]
@@ -469,11 +476,16 @@ class DiskStore:
     def _read_extent(self, sequence: str, layer: int, ext: _Extent, ids: list[int], out_rows: torch.Tensor,
                      found: np.ndarray) -> int:
         info, rb = ext.seg.info, self._row_bytes
+        offset, length = info.data_offset + ext.first_row * rb, ext.count * rb
         try:
             f = self._file(ext.seg)
             if self._throttle is not None:
-                self._throttle.wait(ext.count * rb)
-            view, nread = f.read_extent(info.data_offset + ext.first_row * rb, ext.count * rb)
+                self._throttle.wait(length)
+            if ext.out_start >= 0 and self._cipher is None:
+                dest = out_rows[ext.out_start:ext.out_start + ext.count]
+                if f.can_read_into(offset, length, dest.data_ptr()):
+                    return self._read_in_place(f, info, ext, offset, dest, found)
+            view, nread = f.read_extent(offset, length)
         except (OSError, FormatError) as exc:
             log.warning("kvswap store: read of %s failed (%s); treating its groups as missing", info.path, exc)
             return 0
@@ -497,6 +509,19 @@ class DiskStore:
         src = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
         out_rows[torch.from_numpy(pos[good])] = src[torch.from_numpy(rel[good])]
         found[pos[good]] = True
+        return nread
+
+    def _read_in_place(self, f: fileio.ReadFile, info: SegmentInfo, ext: _Extent, offset: int,
+                       dest: torch.Tensor, found: np.ndarray) -> int:
+        """Zero-copy: the extent lands directly in the caller's rows, then is verified there."""
+        nread = f.read_into(offset, memoryview(dest.numpy()).cast("B"))
+        self._touch(ext.seg)
+        rows = dest.numpy()
+        ok = np.fromiter((zlib.crc32(rows[r]) for r in range(ext.count)), np.uint32, ext.count) \
+            == info.crc32[ext.first_row:ext.first_row + ext.count]
+        found[ext.out_start:ext.out_start + ext.count] = ok
+        for r in np.flatnonzero(~ok):
+            self._count_checksum_failure(info, info.first_group + ext.first_row + int(r))
         return nread
 
     def _open_sealed(self, sequence: str, layer: int, info: SegmentInfo, ext: _Extent, view: memoryview,

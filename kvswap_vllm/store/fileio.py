@@ -31,6 +31,14 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(ALIGN, align_up(nbytes)))
 
 
+def aligned_tensor(shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
+    """An uninitialised tensor in page-aligned memory: O_DIRECT reads can land in it directly."""
+    import torch
+
+    nbytes = max(1, int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size())
+    return torch.frombuffer(aligned_buffer(nbytes), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
+
+
 def drop_page_cache(fd: int, offset: int = 0, length: int = 0) -> None:
     """Ask the kernel to forget cached pages of a file (buffered fallback, written files)."""
     try:
@@ -91,6 +99,22 @@ class ReadFile:
             drop_page_cache(self.fd, start, end - start)
         return view[offset - start: offset - start + length], got
 
+    def read_into(self, offset: int, dest: memoryview) -> int:
+        """Read len(dest) bytes at `offset` straight into `dest` (zero-copy; with O_DIRECT, offset,
+        length and address must be 4 KiB-aligned, see `can_read_into`)."""
+        got = 0
+        while got < len(dest):
+            n = os.preadv(self.fd, [dest[got:]], offset + got)
+            if n == 0:
+                raise ShortReadError(f"short read: wanted bytes up to {offset + len(dest)}, file ends at {offset + got}")
+            got += n
+        if not self.direct:
+            drop_page_cache(self.fd, offset, len(dest))
+        return got
+
+    def can_read_into(self, offset: int, length: int, address: int) -> bool:
+        return not self.direct or (offset % ALIGN == 0 and length % ALIGN == 0 and address % ALIGN == 0)
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -126,7 +150,7 @@ def check_private_dir(path: Path, create: bool) -> None:
 
 
 def write_atomic(path: Path, data: memoryview | bytes) -> None:
-    """Write a new private file: temp file, fsync, rename, fsync the folder.
+    """Write a new private file: temp file, fsync, rename.
 
     The 4 KiB-aligned bulk goes out with O_DIRECT when `data` is a view of page-aligned memory
     (`thread_buffer`) and the file system allows it; the short tail, buffered. A crash at any
@@ -144,17 +168,15 @@ def write_atomic(path: Path, data: memoryview | bytes) -> None:
         drop_page_cache(fd)  # written KV must not sit in the page cache either
         os.close(fd)
         fd = -1
+        # The data is durable before the rename, so the name never points at partial bytes.
+        # The folder is not fsynced: a power cut may forget the newest files (it is a cache),
+        # and a folder fsync per file would cost a journal commit each.
         os.replace(tmp, path)
     except BaseException:
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _page_aligned(view: memoryview) -> bool:

@@ -15,6 +15,8 @@ from kvswap_vllm.store.config import StoreConfig
 from kvswap_vllm.store.errors import DamagedFileError, FormatError, ModelMismatchError
 
 FORMAT_VERSION = 1
+#: The kv bytes of a block file start at a multiple of this (O_DIRECT alignment).
+DATA_ALIGN = 4096
 #: Byte order of one group: KV heads, then K before V, then tokens, then head_dim.
 LAYOUT = "H,KV,G,D"
 ENCRYPTION_NONE = "none"
@@ -23,11 +25,12 @@ _P = "kvswap."
 
 
 def schema(row_bytes: int, meta: dict[str, str]) -> pa.Schema:
-    """Columns: group_id, kv (one group's bytes), crc32 of kv, block_hash (nullable)."""
+    """Columns: kv (one group's bytes), group_id, crc32 of kv, block_hash (nullable)."""
     return pa.schema(
         [
-            pa.field("group_id", pa.int64(), nullable=False),
+            # kv first: its bytes then start at an offset that does not depend on the row count.
             pa.field("kv", pa.binary(row_bytes), nullable=False),
+            pa.field("group_id", pa.int64(), nullable=False),
             pa.field("crc32", pa.uint32(), nullable=False),
             pa.field("block_hash", pa.binary(), nullable=True),
         ],
@@ -90,8 +93,8 @@ class SegmentInfo:
     # File offset of row 0 of the kv column; rows are contiguous (fixed-size binary).
     data_offset: int
     crc32: np.ndarray
-    # block_hash per row (None where the group ends no vLLM block).
-    block_hashes: tuple[bytes | None, ...]
+    # row -> block_hash, for the rows that end a vLLM block.
+    block_hashes: dict[int, bytes]
     file_bytes: int
 
     @property
@@ -122,7 +125,7 @@ def parse_segment(source: pa.NativeFile | pa.Buffer, path: Path, cfg: StoreConfi
         if reader.num_record_batches != 1:
             raise DamagedFileError(f"{path}: {reader.num_record_batches} record batches, expected 1")
         batch = reader.get_batch(0)
-        kv = batch.column("kv")
+        kv = batch.column("kv")  # column 0
         info = SegmentInfo(
             path=path,
             layer=int(meta["layer"]),
@@ -132,7 +135,7 @@ def parse_segment(source: pa.NativeFile | pa.Buffer, path: Path, cfg: StoreConfi
             row_bytes=kv.type.byte_width,
             data_offset=kv.buffers()[1].address - base + kv.offset * kv.type.byte_width,
             crc32=batch.column("crc32").to_numpy().copy(),
-            block_hashes=tuple(batch.column("block_hash").to_pylist()),
+            block_hashes=_non_null(batch.column("block_hash")),
             file_bytes=size,
         )
         ids = batch.column("group_id").to_numpy()
@@ -143,6 +146,13 @@ def parse_segment(source: pa.NativeFile | pa.Buffer, path: Path, cfg: StoreConfi
     if info.data_offset + info.num_groups * info.row_bytes > info.file_bytes:
         raise DamagedFileError(f"{path}: kv column extends past the end of the file")
     return info
+
+
+def _non_null(col: pa.Array) -> dict[int, bytes]:
+    if col.null_count == len(col):
+        return {}
+    rows = np.flatnonzero(col.is_valid().to_numpy(zero_copy_only=False))
+    return {int(r): col[int(r)].as_py() for r in rows}
 
 
 def _base_address(mm: pa.NativeFile) -> int:
@@ -158,19 +168,47 @@ def serialize_segment(
     """One block file's bytes (a single record batch of `len(crcs)` groups), serialised straight
     into memory from `allocate(size)`: page-aligned memory lets the write bypass the page cache."""
     n = len(crcs)
-    sch = schema(row_bytes, file_metadata(cfg, layer, sequence, first_group))
-    kv = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(rows)])
-    batch = pa.record_batch(
-        [pa.array(np.arange(first_group, first_group + n, dtype=np.int64)), kv,
-         pa.array(crcs, type=pa.uint32()), pa.array(block_hashes, type=pa.binary())],
-        schema=sch,
-    )
+    sch = _aligned_schema(row_bytes, file_metadata(cfg, layer, sequence, first_group))
+    batch = _batch(sch, row_bytes, rows, first_group, crcs, block_hashes)
     mock = pa.MockOutputStream()
     _write_ipc(mock, sch, batch)
     size = mock.size()
     buf = allocate(size)
     _write_ipc(pa.FixedSizeBufferWriter(pa.py_buffer(buf)), sch, batch)
     return memoryview(buf)[:size]
+
+
+def _batch(sch: pa.Schema, row_bytes: int, rows: memoryview | bytes, first_group: int, crcs: np.ndarray,
+           block_hashes: list[bytes | None]) -> pa.RecordBatch:
+    n = len(crcs)
+    kv = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(rows)])
+    return pa.record_batch(
+        [kv, pa.array(np.arange(first_group, first_group + n, dtype=np.int64)),
+         pa.array(crcs, type=pa.uint32()), pa.array(block_hashes, type=pa.binary())],
+        schema=sch,
+    )
+
+
+def _kv_offset(sch: pa.Schema, row_bytes: int) -> int:
+    """File offset of the kv values for this schema (the same for any row count)."""
+    sink = pa.BufferOutputStream()
+    _write_ipc(sink, sch, _batch(sch, row_bytes, bytes(row_bytes), 0, np.zeros(1, np.uint32), [None]))
+    buf = sink.getvalue()
+    with pa.ipc.open_file(pa.BufferReader(buf)) as reader:
+        return reader.get_batch(0).column(0).buffers()[1].address - buf.address
+
+
+def _aligned_schema(row_bytes: int, meta: dict[str, str]) -> pa.Schema:
+    """The schema, padded through a metadata entry so that the kv bytes start on a 4 KiB
+    boundary: O_DIRECT can then read groups straight into the caller's aligned tensor."""
+    pad = 0
+    for _ in range(16):
+        sch = schema(row_bytes, {**meta, "pad": " " * pad})
+        miss = _kv_offset(sch, row_bytes) % DATA_ALIGN
+        if miss == 0:
+            return sch
+        pad = (pad + DATA_ALIGN - miss) % DATA_ALIGN
+    return schema(row_bytes, meta)  # unaligned is still correct, only not zero-copy
 
 
 def _write_ipc(sink: pa.NativeFile, sch: pa.Schema, batch: pa.RecordBatch) -> None:
