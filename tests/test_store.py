@@ -317,6 +317,23 @@ def test_profiles() -> None:
     assert sizes == sorted(sizes) and all(1 <= g <= 16 for g in sizes)
     with pytest.raises(StoreError, match="unknown storage profile"):
         get_profile("floppy")
+    for prof in PROFILES.values():  # every profile yields a valid store configuration
+        cfg = make_cfg(Path("/tmp/unused"), group_size=prof.group_size(bytes_per_token), **prof.store_settings())
+        assert cfg.io_threads == min(prof.queue_depth, 16) and cfg.max_read_bytes >= prof.best_request_bytes
+
+
+def test_throttle_emulates_a_slower_device(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "kv")
+    with DiskStore(cfg) as s:
+        s.open_sequence("a", private=False)
+        s.write_groups("a", 0, 0, groups(200))
+    sd = PROFILES["sd"]
+    with DiskStore(cfg, throttle=sd.throttle()) as s:
+        t0 = time.perf_counter()
+        r = s.read_groups("a", 0, range(200))
+        elapsed = time.perf_counter() - t0
+    # 1.2 MB at 80 MB/s cannot take less than 15 ms (a lower bound, so not flaky).
+    assert r.found.all() and elapsed >= r.bytes_read / (sd.read_mb_s * 1e6)
 
 
 def test_zero_copy_reads_land_in_aligned_rows_and_are_verified(tmp_path: Path, monkeypatch) -> None:

@@ -32,6 +32,13 @@ class StorageProfile:
             g *= 2
         return g
 
+    def store_settings(self) -> dict[str, int]:
+        """StoreConfig fields this device wants: reads in flight and the largest single read."""
+        return {
+            "io_threads": max(1, min(self.queue_depth, 16)),
+            "max_read_bytes": max(256 << 10, min(4 * self.best_request_bytes, 2 << 20)),
+        }
+
     def throttle(self) -> Throttle:
         """A throttle that makes a faster disk behave like this profile."""
         return Throttle(self.read_mb_s * 1e6, self.latency_us * 1e-6)
