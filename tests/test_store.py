@@ -107,7 +107,7 @@ def test_plain_pyarrow_reads_documented_columns(cfg: StoreConfig) -> None:
     with DiskStore(cfg) as s:
         s.write_groups("a", 3, 10, kv)
     table = pa.ipc.open_file(str(files(cfg)[0])).read_all()
-    assert table.column_names == ["kv", "group_id", "crc32", "block_hash"]
+    assert table.column_names == ["kv", "group_id", "crc32c", "block_hash"]
     assert table.column("group_id").to_pylist() == [10, 11, 12, 13, 14]
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     assert meta["kvswap.format_version"] == "1" and meta["kvswap.layer"] == "3"
@@ -274,7 +274,7 @@ def test_encrypted_group_moved_elsewhere_fails(tmp_path: Path) -> None:
     table = pa.ipc.open_file(str(path)).read_all()
     # Swap two sealed groups together with their checksums: the CRCs pass, AES-GCM must not.
     cols = {name: table.column(name) for name in table.column_names}
-    cols["kv"], cols["crc32"] = cols["kv"].take([1, 0]), cols["crc32"].take([1, 0])
+    cols["kv"], cols["crc32c"] = cols["kv"].take([1, 0]), cols["crc32c"].take([1, 0])
     cols = list(cols.values())
     swapped = pa.Table.from_arrays(cols, schema=table.schema)
     with pa.ipc.new_file(str(path), table.schema) as w:
@@ -357,3 +357,16 @@ def test_zero_copy_reads_land_in_aligned_rows_and_are_verified(tmp_path: Path, m
         assert s.stats.checksum_failures == 1
         r = s.read_groups("a", 0, [9, 9, 3])  # duplicates and reversed order: the copy path
         assert r.found.all() and torch.equal(r.kv, kv[[9, 9, 3]])
+
+
+def test_encryption_key_from_env(monkeypatch) -> None:
+    from kvswap_vllm.store.crypto import KEY_ENV, key_from_env
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert key_from_env() is None
+    monkeypatch.setenv(KEY_ENV, KEY.hex())
+    assert key_from_env() == KEY
+    for bad in ("zz" * 32, "ab" * 16):
+        monkeypatch.setenv(KEY_ENV, bad)
+        with pytest.raises(StoreError, match="64 hex digits"):
+            key_from_env()

@@ -15,7 +15,6 @@ import os
 import queue
 import threading
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,7 +28,7 @@ from kvswap_vllm.store import fileio
 from kvswap_vllm.store.config import StoreConfig
 from kvswap_vllm.store.crypto import OVERHEAD, GroupCipher
 from kvswap_vllm.store.errors import DamagedFileError, FormatError, StoreError
-from kvswap_vllm.store.format import SegmentInfo, open_segment, parse_segment, serialize_segment
+from kvswap_vllm.store.format import SegmentInfo, checksum, open_segment, parse_segment, serialize_segment
 from kvswap_vllm.store.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -305,12 +304,12 @@ class DiskStore:
         return raw, self._checksums(raw, len(kv))
 
     def _checksums(self, raw: memoryview, n: int) -> np.ndarray:
-        """CRC32 of each row; large writes are split over the I/O threads (zlib drops the GIL)."""
+        """Checksum of each row; large writes are split over the I/O threads."""
         rb = self._row_bytes
         step = max(1, (8 << 20) // rb)
 
         def chunk(first: int) -> list[int]:
-            return [zlib.crc32(raw[i * rb:(i + 1) * rb]) for i in range(first, min(n, first + step))]
+            return [checksum(raw[i * rb:(i + 1) * rb]) for i in range(first, min(n, first + step))]
 
         parts = self._pool.map(chunk, range(0, n, step)) if n > step else [chunk(0)]
         return np.fromiter((c for part in parts for c in part), dtype=np.uint32, count=n)
@@ -490,8 +489,8 @@ class DiskStore:
             log.warning("kvswap store: read of %s failed (%s); treating its groups as missing", info.path, exc)
             return 0
         self._touch(ext.seg)
-        crc = [zlib.crc32(view[r * rb:(r + 1) * rb]) for r in range(ext.count)]
-        expected = info.crc32[ext.first_row:ext.first_row + ext.count]
+        crc = [checksum(view[r * rb:(r + 1) * rb]) for r in range(ext.count)]
+        expected = info.crc32c[ext.first_row:ext.first_row + ext.count]
         if ext.out_start >= 0 and self._cipher is None and crc == expected.tolist():
             # The common case: a run of requested groups, all intact, landing in consecutive rows.
             rows = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
@@ -517,8 +516,8 @@ class DiskStore:
         nread = f.read_into(offset, memoryview(dest.numpy()).cast("B"))
         self._touch(ext.seg)
         rows = dest.numpy()
-        ok = np.fromiter((zlib.crc32(rows[r]) for r in range(ext.count)), np.uint32, ext.count) \
-            == info.crc32[ext.first_row:ext.first_row + ext.count]
+        ok = np.fromiter((checksum(rows[r]) for r in range(ext.count)), np.uint32, ext.count) \
+            == info.crc32c[ext.first_row:ext.first_row + ext.count]
         found[ext.out_start:ext.out_start + ext.count] = ok
         for r in np.flatnonzero(~ok):
             self._count_checksum_failure(info, info.first_group + ext.first_row + int(r))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import crc32c
 import numpy as np
 import pyarrow as pa
 
@@ -24,14 +25,19 @@ ENCRYPTION_AES_GCM = "aes-256-gcm"
 _P = "kvswap."
 
 
+def checksum(data: memoryview | bytes) -> int:
+    """CRC-32C (Castagnoli) of one group's stored bytes; hardware-accelerated where the CPU has it."""
+    return crc32c.crc32c(data)
+
+
 def schema(row_bytes: int, meta: dict[str, str]) -> pa.Schema:
-    """Columns: kv (one group's bytes), group_id, crc32 of kv, block_hash (nullable)."""
+    """Columns: kv (one group's bytes), group_id, crc32c of kv, block_hash (nullable)."""
     return pa.schema(
         [
             # kv first: its bytes then start at an offset that does not depend on the row count.
             pa.field("kv", pa.binary(row_bytes), nullable=False),
             pa.field("group_id", pa.int64(), nullable=False),
-            pa.field("crc32", pa.uint32(), nullable=False),
+            pa.field("crc32c", pa.uint32(), nullable=False),
             pa.field("block_hash", pa.binary(), nullable=True),
         ],
         metadata={f"{_P}{k}": v for k, v in meta.items()},
@@ -92,7 +98,8 @@ class SegmentInfo:
     row_bytes: int
     # File offset of row 0 of the kv column; rows are contiguous (fixed-size binary).
     data_offset: int
-    crc32: np.ndarray
+    # CRC-32C of each row of the kv column.
+    crc32c: np.ndarray
     # row -> block_hash, for the rows that end a vLLM block.
     block_hashes: dict[int, bytes]
     file_bytes: int
@@ -134,7 +141,7 @@ def parse_segment(source: pa.NativeFile | pa.Buffer, path: Path, cfg: StoreConfi
             num_groups=batch.num_rows,
             row_bytes=kv.type.byte_width,
             data_offset=kv.buffers()[1].address - base + kv.offset * kv.type.byte_width,
-            crc32=batch.column("crc32").to_numpy().copy(),
+            crc32c=batch.column("crc32c").to_numpy().copy(),
             block_hashes=_non_null(batch.column("block_hash")),
             file_bytes=size,
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pyarrow as pa
 
 from kvswap_vllm.store.errors import FormatError
 from kvswap_vllm.store.fileio import drop_page_cache
-from kvswap_vllm.store.format import SegmentInfo, open_segment
+from kvswap_vllm.store.format import SegmentInfo, checksum, open_segment
 
 
 @dataclass(frozen=True)
@@ -43,13 +42,13 @@ def _raw_metadata(path: Path) -> dict[str, str]:
 
 
 def _bad_rows(info: SegmentInfo) -> int:
-    """Groups whose stored CRC32 does not match their bytes (file read once, then uncached)."""
+    """Groups whose stored CRC-32C does not match their bytes (file read once, then uncached)."""
     with open(info.path, "rb") as f:
         f.seek(info.data_offset)
         data = memoryview(f.read(info.num_groups * info.row_bytes))
         drop_page_cache(f.fileno())
     rb = info.row_bytes
-    return sum(zlib.crc32(data[i * rb:(i + 1) * rb]) != int(info.crc32[i]) for i in range(info.num_groups))
+    return sum(checksum(data[i * rb:(i + 1) * rb]) != int(info.crc32c[i]) for i in range(info.num_groups))
 
 
 def inspect_file(path: Path, root: Path, verify: bool = True) -> FileReport:
