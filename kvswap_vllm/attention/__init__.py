@@ -1,0 +1,1 @@
+"""Attention over the selected groups plus the tail (engine-free torch reference)."""

@@ -1,0 +1,113 @@
+"""The predictor contract: each method scores groups; the base class selects.
+
+A predictor instance holds the metadata of one sequence, per layer, for its *full* groups
+(the unfinished tail group is always attended and needs none). Shapes:
+- keys of new groups: (num_groups, group_size, num_kv_heads, head_dim), post-RoPE;
+- query: (num_q_heads, head_dim), post-RoPE, the (predicted) query of the layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvswap_vllm.errors import KVSwapError
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How much of the context each layer may attend to."""
+
+    # M: tokens of full groups selected per layer per sequence (the tail comes on top).
+    budget_tokens: int = 400
+    # G: tokens per group; one group is one disk request.
+    group_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.budget_tokens < self.group_size:
+            raise KVSwapError(f"need group_size >= 1 and budget_tokens >= group_size, got {self}")
+
+    @property
+    def budget_groups(self) -> int:
+        return self.budget_tokens // self.group_size
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def gqa(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+class Predictor(ABC):
+    """Scores the full groups of one sequence, per layer; `select` keeps the best M/G."""
+
+    name: ClassVar[str]
+    #: True when the predictor needs a low-rank adapter.
+    needs_adapter: ClassVar[bool] = False
+
+    def __init__(self, shape: ModelShape, selection: SelectionConfig, adapter: object | None = None) -> None:
+        if self.needs_adapter and adapter is None:
+            raise KVSwapError(f"predictor {self.name!r} needs a low-rank adapter (run: kvswap calibrate)")
+        self.shape, self.selection, self.adapter = shape, selection, adapter
+        self._num_groups = [0] * shape.num_layers
+
+    def num_groups(self, layer: int) -> int:
+        return self._num_groups[layer]
+
+    def append_groups(self, layer: int, keys: torch.Tensor) -> None:
+        """Record metadata of newly completed groups of `layer`."""
+        if keys.shape[0]:
+            self._append(layer, keys)
+            self._num_groups[layer] += int(keys.shape[0])
+
+    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """Ids (ascending, int64) of the full groups `layer` should attend to."""
+        n = self._num_groups[layer]
+        k = self.selection.budget_groups
+        if n <= k:
+            return torch.arange(n)
+        scores = self.score(layer, query)
+        return torch.topk(scores, k, sorted=False).indices.sort().values
+
+    @abstractmethod
+    def _append(self, layer: int, keys: torch.Tensor) -> None:
+        """Store metadata for keys (num_new_groups, group_size, num_kv_heads, head_dim)."""
+
+    @abstractmethod
+    def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """(num_groups,) importance of each full group of `layer` for `query`."""
+
+    @abstractmethod
+    def metadata_bytes(self) -> int:
+        """Bytes of metadata held now, over all layers."""
+
+
+#: Predictor name -> "module:Class", imported lazily.
+PREDICTORS: dict[str, str] = {
+    "kvswap": "kvswap_vllm.predict.lowrank:PerHeadLowRank",
+    "kvswap-paper": "kvswap_vllm.predict.lowrank:JointLowRank",
+    "quest": "kvswap_vllm.predict.quest:Quest",
+    "window": "kvswap_vllm.predict.window:SinkWindow",
+    "dense": "kvswap_vllm.predict.dense:Dense",
+}
+
+
+def predictor_class(name: str) -> type[Predictor]:
+    if name not in PREDICTORS:
+        raise KVSwapError(f"unknown predictor {name!r}; supported: {', '.join(PREDICTORS)}")
+    module, cls = PREDICTORS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create_predictor(name: str, shape: ModelShape, selection: SelectionConfig, adapter: object | None = None) -> Predictor:
+    return predictor_class(name)(shape, selection, adapter)

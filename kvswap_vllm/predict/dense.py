@@ -1,0 +1,23 @@
+"""Dense: every group, every step (exact attention; the quality reference)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvswap_vllm.predict.base import Predictor
+
+
+class Dense(Predictor):
+    name = "dense"
+
+    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        return torch.arange(self.num_groups(layer))
+
+    def _append(self, layer: int, keys: torch.Tensor) -> None:
+        pass
+
+    def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.num_groups(layer))
+
+    def metadata_bytes(self) -> int:
+        return 0

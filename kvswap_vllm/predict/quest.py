@@ -1,0 +1,32 @@
+"""Quest: per group, per KV head, the elementwise min and max of its keys; a query's upper
+bound on q.k within the group is sum_d max(q_d * min_d, q_d * max_d). Max over query heads."""
+
+from __future__ import annotations
+
+import torch
+
+from kvswap_vllm.predict.base import Predictor
+
+
+class Quest(Predictor):
+    name = "quest"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Per layer: (num_groups, num_kv_heads, head_dim) each.
+        self._min: list[list[torch.Tensor]] = [[] for _ in range(self.shape.num_layers)]
+        self._max: list[list[torch.Tensor]] = [[] for _ in range(self.shape.num_layers)]
+
+    def _append(self, layer: int, keys: torch.Tensor) -> None:
+        self._min[layer].append(keys.amin(dim=1).float())
+        self._max[layer].append(keys.amax(dim=1).float())
+
+    def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        lo, hi = torch.cat(self._min[layer]), torch.cat(self._max[layer])
+        self._min[layer], self._max[layer] = [lo], [hi]
+        q = query.float().view(self.shape.num_kv_heads, self.shape.gqa, 1, -1)  # (H, gqa, 1, d)
+        bound = torch.maximum(q * lo.transpose(0, 1).unsqueeze(1), q * hi.transpose(0, 1).unsqueeze(1)).sum(-1)
+        return bound.amax(dim=(0, 1))  # (H, gqa, groups) -> (groups,)
+
+    def metadata_bytes(self) -> int:
+        return sum(t.numel() * 4 for ts in (*self._min, *self._max) for t in ts)

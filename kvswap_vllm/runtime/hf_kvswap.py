@@ -1,0 +1,139 @@
+"""KVSwap decoding inside a Hugging Face model: dense prefill, sparse decode over the
+groups a predictor selects plus the tail, with the paper's layer-ahead query prediction.
+
+This is the quality reference (the full KV stays in the HF cache; only the selection is
+applied), the same setting in which the KVSwap authors measured quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvswap_vllm.attention.sparse import attention_mass, gather_kv, selected_positions
+from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor
+
+ATTENTION_NAME = "kvswap_reference"
+
+
+@dataclass
+class StepStats:
+    """Counters over the sparse decode steps since the last reset."""
+
+    steps: int = 0
+    # Per layer: sum of recall (attention mass inside the selection) and of reuse (share of
+    # selected groups already selected at the previous step).
+    recall_sum: list[float] = field(default_factory=list)
+    reuse_sum: list[float] = field(default_factory=list)
+    recall_steps: list[int] = field(default_factory=list)
+    selected_tokens: int = 0
+
+    def recall(self) -> list[float]:
+        return [s / n if n else float("nan") for s, n in zip(self.recall_sum, self.recall_steps)]
+
+
+def model_shape(config) -> ModelShape:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return ModelShape(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head_dim)
+
+
+def _rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = q.shape[-1] // 2
+    rotated = torch.cat((-q[..., half:], q[..., :half]), dim=-1)
+    return q * cos + rotated * sin
+
+
+class KVSwapReference:
+    """Installs sparse decoding into `model`; `start_sequence` before each prompt."""
+
+    def __init__(self, model, predictor: str, selection: SelectionConfig, adapter=None,
+                 layer_ahead: bool = True, measure_recall: bool = False) -> None:
+        self.model, self.predictor_name, self.selection, self.adapter = model, predictor, selection, adapter
+        self.layer_ahead, self.measure_recall = layer_ahead, measure_recall
+        self.shape = model_shape(model.config)
+        self.sparse = True
+        self.predictor: Predictor = create_predictor(predictor, self.shape, selection, adapter)
+        self.stats = StepStats()
+        self._q_pred: dict[int, torch.Tensor] = {}
+        self._last: dict[int, set[int]] = {}
+        AttentionInterface.register(ATTENTION_NAME, _attention)
+        self._attn = [layer.self_attn for layer in model.model.layers]
+        for i, attn in enumerate(self._attn):
+            attn._kvswap = self
+            attn.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+        model.config._attn_implementation = ATTENTION_NAME
+        for module in model.modules():
+            if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
+                module.config._attn_implementation = ATTENTION_NAME
+
+    def start_sequence(self) -> None:
+        """Forget the previous sequence's metadata and counters."""
+        self.predictor = create_predictor(self.predictor_name, self.shape, self.selection, self.adapter)
+        n = self.shape.num_layers
+        self.stats = StepStats(recall_sum=[0.0] * n, reuse_sum=[0.0] * n, recall_steps=[0] * n)
+        self._q_pred.clear()
+        self._last.clear()
+
+    def _make_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            nxt = layer + 1
+            if not self.layer_ahead or nxt >= self.shape.num_layers:
+                return None
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            if hidden is None or hidden.shape[1] != 1:
+                return None
+            attn = self._attn[nxt]
+            q = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, self.shape.head_dim)
+            if hasattr(attn, "q_norm"):
+                q = attn.q_norm(q)
+            self._q_pred[nxt] = _rope(q.transpose(1, 2), cos, sin)[0, :, -1]
+            return None
+
+        return hook
+
+    def _decode(self, module, query, key, value, **kwargs):
+        layer, g = module.layer_idx, self.selection.group_size
+        real_q = query[0, :, -1]
+        q = self._q_pred.get(layer, real_q) if self.layer_ahead and layer >= 2 else real_q
+        groups = self.predictor.select(layer, q)
+        positions = selected_positions(groups, g, self.predictor.num_groups(layer) * g, key.shape[2])
+        k_sel, v_sel = gather_kv(key, value, positions)
+        st = self.stats
+        if layer == 0:
+            st.steps += 1
+        st.selected_tokens += len(positions)
+        chosen = set(groups.tolist())
+        prev = self._last.get(layer)
+        if prev:
+            st.reuse_sum[layer] += len(chosen & prev) / max(1, len(chosen))
+        self._last[layer] = chosen
+        if self.measure_recall:
+            st.recall_sum[layer] += attention_mass(real_q, key[0], positions, kwargs.get("scaling") or module.scaling)
+            st.recall_steps[layer] += 1
+        return sdpa_attention_forward(module, query, k_sel, v_sel, None, **kwargs)
+
+    def _record_groups(self, module, key, new_tokens: int) -> None:
+        """Metadata for groups completed before this step's tokens: a group the current token
+        completes stays in the tail for this step, so a token always attends to itself."""
+        layer, g = module.layer_idx, self.selection.group_size
+        before = key.shape[2] - new_tokens if new_tokens == 1 else key.shape[2]
+        have, full = self.predictor.num_groups(layer), before // g
+        if full > have:
+            new = key[0, :, have * g:full * g].transpose(0, 1)  # (tokens, H, d)
+            self.predictor.append_groups(layer, new.reshape(full - have, g, *new.shape[1:]))
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention function HF calls: dense for prefill, sparse for single-token decode."""
+    ref: KVSwapReference = module._kvswap
+    if key.shape[0] != 1:
+        raise ValueError("the KVSwap reference runtime decodes one sequence at a time (batch 1)")
+    ref._record_groups(module, key, query.shape[2])
+    if not ref.sparse or query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return ref._decode(module, query, key, value, **kwargs)
