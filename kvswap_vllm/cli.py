@@ -178,6 +178,38 @@ def _cmd_store_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvswap_vllm.models.prepare import resolve_model
+    from kvswap_vllm.predict.adapter import calibrate, default_adapter_path
+    from kvswap_vllm.predict.calibration_text import SOURCE, stdlib_docstrings
+
+    model = resolve_model(args.model, args.models_dir)
+    if args.text:
+        texts, source = [], ", ".join(str(p) for p in args.text)
+        for path in args.text:
+            try:
+                texts.append(path.read_text())
+            except (OSError, UnicodeDecodeError) as exc:
+                raise KVSwapError(f"cannot read --text {path}: {exc}") from exc
+    else:
+        texts, source = [stdlib_docstrings()], SOURCE
+    rank = args.rank
+    if args.tiny:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model)
+        rank = (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) // 4
+    adapter = calibrate(model, texts, rank=rank, max_tokens=args.tokens, text_source=source)
+    out = args.out or default_adapter_path(adapter.model_fingerprint, adapter.rank)
+    adapter.save(out)
+    energy = adapter.meta["joint_energy_kept"]
+    print(json.dumps({"adapter": str(out.with_suffix(".safetensors")), "rank": adapter.rank,
+                      "per_head_rank": adapter.per_head_rank, "layers": adapter.num_layers,
+                      "calibration_tokens": adapter.meta["calibration_tokens"], "text": source,
+                      "mean_key_energy_kept": round(sum(energy) / len(energy), 4)}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvswap_vllm.generation import ENGINES
 
@@ -232,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--size-mb", type=_positive_int, default=256, help="scratch file size (default: 256)")
     prb.add_argument("--seconds-per-cell", type=float, default=0.25, help="time per measurement (default: 0.25)")
     prb.set_defaults(func=_cmd_store_probe)
+
+    cal = sub.add_parser(
+        "calibrate", help="build the low-rank key adapter of a model (SVD of post-RoPE keys)",
+        description="Run the model over calibration text, collect post-RoPE keys per layer and keep the top "
+        "singular directions: a joint basis over all KV heads (the paper's) and one per KV head, at the same "
+        "metadata size. Default text: " + "docstrings of the Python standard library (offline).",
+    )
+    cal.add_argument("--model", default=None, help="model folder or prepared name (default: the default model)")
+    cal.add_argument("--text", type=Path, action="append", default=None, help="UTF-8 calibration text (repeatable)")
+    cal.add_argument("--rank", type=_positive_int, default=None, help="numbers per token per layer (default: head_dim)")
+    cal.add_argument("--tiny", action="store_true", help="rank head_dim/4 (the paper's tiny variant)")
+    cal.add_argument("--tokens", type=_positive_int, default=8192, help="calibration tokens (default: 8192)")
+    cal.add_argument("--out", type=Path, default=None,
+                     help="adapter path without suffix (default: ~/.cache/kvswap/adapters/<model>/rank<R>)")
+    _add_models_dir(cal)
+    cal.set_defaults(func=_cmd_calibrate)
 
     gen = sub.add_parser(
         "generate", help="answer a question about a long document and report the cost",

@@ -1,0 +1,104 @@
+"""One suite over every predictor, plus the adapter and the sparse-attention reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvswap_vllm.errors import KVSwapError
+from kvswap_vllm.predict.adapter import AdapterError, LowRankAdapter, _bases
+from kvswap_vllm.predict.base import PREDICTORS, ModelShape, SelectionConfig, create_predictor
+
+SHAPE = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=16)
+SEL = SelectionConfig(budget_tokens=32, group_size=4)  # 8 groups
+
+
+def random_adapter(rank: int = 16, seed: int = 0) -> LowRankAdapter:
+    g = torch.Generator().manual_seed(seed)
+    joint, per_head = [], []
+    for _ in range(SHAPE.num_layers):
+        keys = torch.randn(256, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
+        j, p, _ = _bases(keys, rank)
+        joint.append(j)
+        per_head.append(p)
+    return LowRankAdapter("ab" * 16, SHAPE.num_kv_heads, SHAPE.head_dim, rank, tuple(joint), tuple(per_head))
+
+
+@pytest.fixture(params=list(PREDICTORS))
+def predictor(request):
+    return create_predictor(request.param, SHAPE, SEL, random_adapter())
+
+
+def keys(n_groups: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_groups, SEL.group_size, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g) * 0.1
+
+
+def test_selects_everything_within_budget(predictor) -> None:
+    predictor.append_groups(0, keys(5))
+    assert predictor.select(0, torch.randn(6, 16)).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_selection_is_sorted_unique_and_bounded(predictor) -> None:
+    for chunk in (keys(30, 1), keys(20, 2)):  # appended in two steps, as decode does
+        predictor.append_groups(1, chunk)
+    assert predictor.num_groups(1) == 50
+    sel = predictor.select(1, torch.randn(6, 16))
+    expected = 50 if predictor.name == "dense" else SEL.budget_groups
+    assert len(sel) == expected and sel.tolist() == sorted(set(sel.tolist()))
+    assert int(sel.min()) >= 0 and int(sel.max()) < 50
+
+
+def test_finds_the_group_the_query_points_at(predictor) -> None:
+    k = keys(40)
+    q = torch.zeros(6, 16)
+    q[:, 3] = 10.0
+    k[17, 2, :, 3] = 5.0  # one token of group 17, all KV heads, aligned with the query
+    predictor.append_groups(0, k)
+    sel = predictor.select(0, q).tolist()
+    if predictor.name == "window":  # position only: sinks and the most recent groups
+        assert sel == [0] + list(range(33, 40))
+    else:
+        assert 17 in sel
+
+
+def test_metadata_size(predictor) -> None:
+    predictor.append_groups(0, keys(10))
+    per_token = {"kvswap": 2 * 8, "kvswap-paper": 16, "quest": 2 * 2 * 16 / 4, "window": 0, "dense": 0}
+    assert predictor.metadata_bytes() == pytest.approx(10 * 4 * per_token[predictor.name] * 4)
+
+
+def test_registry_errors() -> None:
+    with pytest.raises(KVSwapError, match="unknown predictor 'nope'; supported: kvswap, kvswap-paper"):
+        create_predictor("nope", SHAPE, SEL)
+    with pytest.raises(KVSwapError, match="needs a low-rank adapter"):
+        create_predictor("kvswap", SHAPE, SEL, None)
+    with pytest.raises(KVSwapError):
+        SelectionConfig(budget_tokens=2, group_size=4)
+
+
+def test_adapter_roundtrip_and_wrong_model(tmp_path: Path) -> None:
+    a = random_adapter()
+    a.save(tmp_path / "rank16")
+    b = LowRankAdapter.load(tmp_path / "rank16", "ab" * 16)
+    assert all(torch.equal(x, y) for x, y in zip(a.joint + a.per_head, b.joint + b.per_head))
+    with pytest.raises(AdapterError, match="calibrated for model abababab"):
+        LowRankAdapter.load(tmp_path / "rank16", "cd" * 16)
+    with pytest.raises(AdapterError, match="no low-rank adapter"):
+        LowRankAdapter.load(tmp_path / "missing")
+    (tmp_path / "rank16.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AdapterError, match="damaged"):
+        LowRankAdapter.load(tmp_path / "rank16")
+
+
+def test_bases_are_orthonormal_and_capture_low_rank_keys() -> None:
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 4, generator=g))[0]
+    keys = (torch.randn(500, 4, generator=g) @ basis.T).view(500, 2, 16)  # rank-4 keys
+    joint, per_head, energy = _bases(keys, 4)
+    assert torch.allclose(joint.T @ joint, torch.eye(4), atol=1e-5)
+    assert energy > 0.9999 and per_head.shape == (2, 16, 2)
