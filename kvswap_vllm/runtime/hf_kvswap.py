@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvswap_vllm.attention.sparse import attention_mass, gather_kv, selected_positions
 from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor
@@ -40,6 +41,13 @@ def model_shape(config) -> ModelShape:
     return ModelShape(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head_dim)
 
 
+def register_attention(name: str, fn) -> None:
+    """Register an attention function with the SDPA mask builder: without the mask entry,
+    transformers builds no causal mask for an unknown name, which breaks chunked prefill."""
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
 def _rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = q.shape[-1] // 2
@@ -60,7 +68,7 @@ class KVSwapReference:
         self.stats = StepStats()
         self._q_pred: dict[int, torch.Tensor] = {}
         self._last: dict[int, set[int]] = {}
-        AttentionInterface.register(ATTENTION_NAME, _attention)
+        register_attention(ATTENTION_NAME, _attention)
         self._attn = [layer.self_attn for layer in model.model.layers]
         for i, attn in enumerate(self._attn):
             attn._kvswap = self

@@ -470,7 +470,10 @@ class DiskStore:
 
     def _read_lane(self, sequence: str, layer: int, lane: list[_Extent], ids: list[int], out_rows: torch.Tensor,
                    found: np.ndarray) -> int:
-        return sum(self._read_extent(sequence, layer, ext, ids, out_rows, found) for ext in lane)
+        # Inference mode is per thread: without it, filling a tensor the caller made under
+        # torch.inference_mode() would be refused.
+        with torch.inference_mode():
+            return sum(self._read_extent(sequence, layer, ext, ids, out_rows, found) for ext in lane)
 
     def _read_extent(self, sequence: str, layer: int, ext: _Extent, ids: list[int], out_rows: torch.Tensor,
                      found: np.ndarray) -> int:

@@ -1,0 +1,97 @@
+"""Group slots of one sequence: per layer M/G slots; a new selection keeps its hits and reads
+only the difference from the disk tier ("load only the difference")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvswap_vllm.store.disk_store import DiskStore
+from kvswap_vllm.store.fileio import aligned_tensor
+
+
+@dataclass
+class LoadResult:
+    """What one layer's load did."""
+
+    # Slot of each selected group, in the order of the selection.
+    slots: torch.Tensor
+    hits: int
+    misses: int
+    bytes_read: int
+    # Selected groups the disk tier could not serve (never written, evicted or corrupt).
+    unavailable: list[int]
+
+
+@dataclass
+class HotStats:
+    selected: int = 0
+    hits: int = 0
+    bytes_read: int = 0
+    unavailable: int = 0
+
+    @property
+    def reuse_rate(self) -> float:
+        return self.hits / self.selected if self.selected else 0.0
+
+
+class HotTier:
+    """Slots for `slots_per_layer` groups of every layer of one sequence.
+
+    Slot storage: (num_layers, slots_per_layer, num_kv_heads, 2, group_size, head_dim), the
+    disk tier's group layout, in page-aligned memory.
+    """
+
+    def __init__(self, store: DiskStore, sequence: str, slots_per_layer: int) -> None:
+        cfg = store.config
+        self.store, self.sequence, self.slots_per_layer = store, sequence, slots_per_layer
+        self.slots = aligned_tensor((cfg.num_layers, slots_per_layer, *cfg.group_shape), cfg.torch_dtype)
+        self._slot_of: list[dict[int, int]] = [{} for _ in range(cfg.num_layers)]
+        self._stage = aligned_tensor((slots_per_layer, *cfg.group_shape), cfg.torch_dtype)
+        self.stats = HotStats()
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.numel() * self.slots.element_size() + self._stage.numel() * self._stage.element_size()
+
+    def load(self, layer: int, groups: torch.Tensor) -> LoadResult:
+        """Make every group of `groups` (at most slots_per_layer ids) resident in `layer`'s slots."""
+        ids = [int(g) for g in groups]
+        if len(ids) > self.slots_per_layer:
+            raise ValueError(f"{len(ids)} groups selected, the hot tier has {self.slots_per_layer} slots per layer "
+                             "(the dense predictor needs a budget that covers the whole context)")
+        table = self._slot_of[layer]
+        wanted = set(ids)
+        misses = [g for g in ids if g not in table]
+        hits = len(ids) - len(misses)
+        free = sorted(set(range(self.slots_per_layer)) - set(table.values()))
+        for g in [g for g in table if g not in wanted]:  # evict groups no longer selected
+            free.append(table.pop(g))
+        unavailable: list[int] = []
+        nbytes = 0
+        if misses:
+            res = self.store.read_groups(self.sequence, layer, misses, out=self._stage[: len(misses)])
+            nbytes = res.bytes_read
+            ok = [i for i, f in enumerate(res.found) if f]
+            unavailable = [misses[i] for i, f in enumerate(res.found) if not f]
+            target = free[: len(ok)]
+            if ok:
+                self.slots[layer].index_copy_(0, torch.tensor(target), self._stage[torch.tensor(ok)])
+            for i, slot in zip(ok, target):
+                table[misses[i]] = slot
+        s = self.stats
+        s.selected += len(ids)
+        s.hits += hits
+        s.bytes_read += nbytes
+        s.unavailable += len(unavailable)
+        slots = torch.tensor([table.get(g, -1) for g in ids], dtype=torch.int64)
+        return LoadResult(slots, hits, len(misses), nbytes, unavailable)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given slots, in order: each (num_kv_heads, len(slots) * group_size, head_dim)."""
+        g = self.slots[layer].index_select(0, slots)  # (n, H, 2, G, D)
+        n, h, _, gs, d = g.shape
+        k = g[:, :, 0].permute(1, 0, 2, 3).reshape(h, n * gs, d)
+        v = g[:, :, 1].permute(1, 0, 2, 3).reshape(h, n * gs, d)
+        return k, v
