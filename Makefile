@@ -12,9 +12,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvswap-installed-$(EXTRA)
 PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
-.PHONY: setup model demo test test-fast clean
+.PHONY: setup model adapter demo demo-vllm test test-fast clean
 
-setup: $(STAMP) model
+setup: $(STAMP) model adapter
 
 $(STAMP): pyproject.toml Makefile
 	@echo ">>> creating $(VENV) and installing kvswap_vllm[$(EXTRA),test,bench] (first run: ~2-5 min)"
@@ -32,8 +32,17 @@ $(STAMP): pyproject.toml Makefile
 model: $(STAMP)
 	$(BIN)/kvswap model prepare
 
+# The default model's low-rank key adapter (KVSwap's metadata); ~1 min the first time.
+adapter: model
+	$(BIN)/kvswap calibrate --if-missing
+
+# KVSwap: KV cache on disk, sparse decode (HF runtime until the vLLM integration lands).
 demo: setup
-	$(BIN)/kvswap generate --check
+	$(BIN)/kvswap generate --engine hf --check
+
+# Stock vLLM, dense KV in memory: the baseline.
+demo-vllm: setup
+	$(BIN)/kvswap generate --engine vllm --check
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

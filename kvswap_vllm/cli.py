@@ -59,23 +59,35 @@ def _cmd_model_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_prompt(args: argparse.Namespace):  # -> tuple[str, DemoDocument | None]
+def _read_prompts(args: argparse.Namespace) -> list[tuple[str, "DemoDocument | None"]]:
+    """(prompt text, built-in document or None) for each prompt of the batch."""
     from kvswap_vllm.demo_document import build_document, entries_for_tokens
 
-    if args.prompt_file is None:
-        doc = build_document(entries_for_tokens(args.document_tokens))
-        return doc.prompt(), doc
-    try:
-        text = args.prompt_file.read_text()
-    except OSError as exc:
-        raise KVSwapError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise KVSwapError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from exc
-    if args.question:
-        text = f"{text}\n\n{args.question}"
-    if not text.strip():
-        raise KVSwapError(f"--prompt-file {args.prompt_file} is empty")
-    return text, None
+    if not args.prompt_file:
+        # Built-in documents of different lengths and keys: a batch as users send them.
+        docs = [build_document(entries_for_tokens(round(args.document_tokens * (1 - 0.1 * (i % 5)))),
+                               depth=0.5, seed=2511 + i) for i in range(args.batch_size)]
+        return [(d.prompt(), d) for d in docs]
+    prompts = []
+    for path in args.prompt_file:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise KVSwapError(f"cannot read --prompt-file {path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise KVSwapError(f"--prompt-file {path} is not UTF-8 text") from exc
+        if not text.strip():
+            raise KVSwapError(f"--prompt-file {path} is empty")
+        prompts.append((f"{text}\n\n{args.question}" if args.question else text, None))
+    return prompts
+
+
+def _kvswap_options(args: argparse.Namespace):
+    from kvswap_vllm.generation import KVSwapOptions
+
+    predictor = None if args.predictor == "none" else args.predictor
+    return KVSwapOptions(predictor=predictor, budget_tokens=args.budget_tokens, group_size=args.group_size,
+                         kv_dir=args.kv_dir, storage_profile=args.storage_profile, adapter=args.adapter)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -84,51 +96,57 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from kvswap_vllm.resources import ResourceMeter
 
     model = resolve_model(args.model, args.models_dir)
-    text, doc = _read_prompt(args)
+    batch = _read_prompts(args)
     try:
         config = GenerationConfig(model=model, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                                  max_model_len=args.max_model_len)
+                                  max_model_len=args.max_model_len, kvswap=_kvswap_options(args))
     except ValueError as exc:
         raise KVSwapError(str(exc)) from exc
-    prompt = chat_prompt_ids(model, text)
-    if len(prompt) + args.max_new_tokens > args.max_model_len:
-        raise KVSwapError(f"the prompt has {len(prompt)} tokens; with --max-new-tokens {args.max_new_tokens} "
-                          f"it exceeds --max-model-len {args.max_model_len}")
+    prompts = [chat_prompt_ids(model, text) for text, _ in batch]
+    for ids in prompts:
+        if len(ids) + args.max_new_tokens > args.max_model_len:
+            raise KVSwapError(f"the prompt has {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} "
+                              f"it exceeds --max-model-len {args.max_model_len}")
     print(f"kvswap: loading {args.engine} engine for {model} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with ResourceMeter() as meter:
         with create_generator(args.engine, config) as gen:
             t_loaded = time.perf_counter()
-            print(f"kvswap: generating from a {len(prompt)}-token prompt ...", file=sys.stderr, flush=True)
-            [result] = gen.generate([prompt])
+            print(f"kvswap: generating from {len(prompts)} prompt(s) of {', '.join(str(len(p)) for p in prompts)} "
+                  "tokens ...", file=sys.stderr, flush=True)
+            results = gen.generate(prompts)
             kv_path = gen.kv_path
     wall = time.perf_counter() - t0
     usage = meter.usage
     assert usage is not None  # set by ResourceMeter.__exit__
+    rows = [_result_row(r, doc) for r, (_, doc) in zip(results, batch)]
+    decode_s = sum(r.decode_s for r in results)
     report = {
-        "engine": args.engine,
-        "kv_path": kv_path,
-        "model": str(model),
-        "answer": result.text,
-        "expected": doc.answer if doc else None,
-        "correct": doc.is_correct(result.text) if doc else None,
-        "prompt_tokens": result.prompt_tokens,
-        "new_tokens": result.new_tokens,
-        "ttft_s": round(result.ttft_s, 3),
-        "prefill_tokens_per_s": round(result.prompt_tokens / result.ttft_s, 1) if result.ttft_s else None,
-        "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
-        "engine_load_s": round(t_loaded - t0, 1),
-        "wall_s": round(wall, 1),
+        "engine": args.engine, "kv_path": kv_path, "model": str(model),
+        "answer": results[0].text, "expected": rows[0]["expected"],
+        "correct": None if batch[0][1] is None else all(r["correct"] for r in rows),
+        "prompt_tokens": sum(r.prompt_tokens for r in results), "new_tokens": sum(r.new_tokens for r in results),
+        "ttft_s": round(sum(r.ttft_s for r in results), 3),
+        "decode_tokens_per_s": round(sum(r.new_tokens - 1 for r in results) / decode_s, 2) if decode_s else 0.0,
+        "engine_load_s": round(t_loaded - t0, 1), "wall_s": round(wall, 1),
         "peak_rss_mb": round(usage.peak_rss_bytes / 2**20, 1),
         "disk_read_mb": round(usage.disk_read_bytes / 2**20, 1),
         "disk_written_mb": round(usage.disk_write_bytes / 2**20, 1),
-        "processes": usage.num_processes,
+        "processes": usage.num_processes, "prompts": rows,
     }
-    _print_report(report, doc.question if doc else args.question, as_json=args.json)
+    report["prefill_tokens_per_s"] = round(report["prompt_tokens"] / report["ttft_s"], 1) if report["ttft_s"] else None
+    _print_report(report, batch[0][1].question if batch[0][1] else args.question, as_json=args.json)
     if args.check and report["correct"] is False:
-        print(f"kvswap: error: the answer does not contain the expected {doc.answer}", file=sys.stderr)
+        print("kvswap: error: an answer does not contain the expected key", file=sys.stderr)
         return 1
     return 0
+
+
+def _result_row(r, doc) -> dict:
+    return {"answer": r.text, "expected": doc.answer if doc else None,
+            "correct": doc.is_correct(r.text) if doc else None, "prompt_tokens": r.prompt_tokens,
+            "new_tokens": r.new_tokens, "ttft_s": round(r.ttft_s, 3),
+            "decode_tokens_per_s": round(r.decode_tokens_per_s, 2), **r.extra}
 
 
 def _print_report(r: dict, question: str | None, as_json: bool) -> None:
@@ -138,9 +156,14 @@ def _print_report(r: dict, question: str | None, as_json: bool) -> None:
     print(f"path:     {r['kv_path']}")
     if question:
         print(f"question: {question}")
-    print(f"answer:   {r['answer'].strip()}")
-    if r["expected"] is not None:
-        print(f"correct:  {'yes' if r['correct'] else 'NO'} (expected {r['expected']})")
+    for i, row in enumerate(r["prompts"]):
+        label = f"answer{'' if len(r['prompts']) == 1 else f' {i + 1}'}:"
+        verdict = "" if row["expected"] is None else f"  [{'correct' if row['correct'] else 'WRONG'}, expected {row['expected']}]"
+        print(f"{label:<10}{row['answer'].strip()}{verdict}")
+        if "reuse_rate" in row:
+            print(f"{'':<10}KVSwap: reuse {row['reuse_rate']:.0%}, {row['bytes_read'] / 2**20:.1f} MiB read, "
+                  f"hot tier {row['hot_tier_bytes'] / 2**20:.1f} MiB, metadata {row['metadata_bytes'] / 2**20:.1f} MiB, "
+                  f"prefetch overlap {row['prefetch_overlap']:.0%}")
     print(f"cost:     {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens; "
           f"prefill {r['ttft_s']} s ({r['prefill_tokens_per_s']} tok/s), decode {r['decode_tokens_per_s']} tok/s; "
           f"engine start {r['engine_load_s']} s, wall {r['wall_s']} s")
@@ -199,6 +222,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
         cfg = AutoConfig.from_pretrained(model)
         rank = (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) // 4
+    if args.if_missing:
+        from transformers import AutoConfig
+
+        from kvswap_vllm.models.fingerprint import model_fingerprint
+
+        cfg = AutoConfig.from_pretrained(model)
+        want = rank or getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        existing = args.out or default_adapter_path(model_fingerprint(model), want)
+        if existing.with_suffix(".safetensors").exists():
+            print(f"kvswap: adapter already there: {existing.with_suffix('.safetensors')}", file=sys.stderr)
+            return 0
     adapter = calibrate(model, texts, rank=rank, max_tokens=args.tokens, text_source=source)
     out = args.out or default_adapter_path(adapter.model_fingerprint, adapter.rank)
     adapter.save(out)
@@ -276,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--rank", type=_positive_int, default=None, help="numbers per token per layer (default: head_dim)")
     cal.add_argument("--tiny", action="store_true", help="rank head_dim/4 (the paper's tiny variant)")
     cal.add_argument("--tokens", type=_positive_int, default=8192, help="calibration tokens (default: 8192)")
+    cal.add_argument("--if-missing", action="store_true", help="do nothing when the adapter already exists")
     cal.add_argument("--out", type=Path, default=None,
                      help="adapter path without suffix (default: ~/.cache/kvswap/adapters/<model>/rank<R>)")
     _add_models_dir(cal)
@@ -290,8 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--engine", choices=sorted(ENGINES), default="vllm", help="inference engine (default: vllm)")
     gen.add_argument("--model", default=None,
                      help="a Hugging Face model folder or a prepared model's name (default: the prepared default model)")
-    gen.add_argument("--prompt-file", type=Path, default=None, help="UTF-8 text to use as the prompt")
-    gen.add_argument("--question", default=None, help="appended to --prompt-file's text")
+    gen.add_argument("--prompt-file", type=Path, action="append", default=None,
+                     help="UTF-8 text to use as a prompt (repeat for a batch)")
+    gen.add_argument("--question", default=None, help="appended to each --prompt-file's text")
+    gen.add_argument("--batch-size", type=_positive_int, default=1,
+                     help="without --prompt-file: that many built-in documents of different lengths (default: 1)")
+    gen.add_argument("--predictor", default="kvswap",
+                     choices=["kvswap", "kvswap-paper", "quest", "window", "dense", "none"],
+                     help="hf engine: how decode selects groups (default: kvswap); none = HF's in-memory cache")
+    gen.add_argument("--budget-tokens", type=_positive_int, default=400,
+                     help="M: tokens each layer attends to per step, besides the rolling tail (default: 400)")
+    gen.add_argument("--group-size", type=_positive_int, default=4, help="G: tokens per group (default: 4)")
+    gen.add_argument("--storage-profile", default=None,
+                     help="nvme, ufs, emmc, sd or a probe JSON: emulate that device's reads")
+    gen.add_argument("--kv-dir", type=Path, default=None, help="disk tier folder (default: ~/.cache/kvswap/kv)")
+    gen.add_argument("--adapter", type=Path, default=None,
+                     help="low-rank adapter path without suffix (default: the model's, from kvswap calibrate)")
     gen.add_argument("--document-tokens", type=_positive_int, default=DEFAULT_DOCUMENT_TOKENS,
                      help=f"approximate length of the built-in document (default: {DEFAULT_DOCUMENT_TOKENS})")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default: 32)")

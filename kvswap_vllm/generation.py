@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Engine name -> "module:Class"; imported lazily so `kvswap --help` does not load vLLM.
@@ -26,12 +26,32 @@ class GenerationConfig:
     # Longest prompt + generation the engine must accept.
     max_model_len: int = 8192
     seed: int = 0
+    # KVSwap settings (engines that run KVSwap; stock engines ignore them and say so).
+    kvswap: "KVSwapOptions | None" = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_model_len < 16:
             raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class KVSwapOptions:
+    """How KVSwap decodes: predictor, budget, groups, where the disk tier lives."""
+
+    # "kvswap", "kvswap-paper", "quest", "window", "dense"; None = the engine's own dense KV cache.
+    predictor: str | None = "kvswap"
+    # M: tokens of groups each layer attends to per step (plus the rolling tail).
+    budget_tokens: int = 400
+    # G: tokens per group (one disk request).
+    group_size: int = 4
+    # Disk tier root; None = ~/.cache/kvswap/kv.
+    kv_dir: Path | None = None
+    # Built-in profile name or probe JSON: throttles reads to that device (benchmarks).
+    storage_profile: str | None = None
+    # Low-rank adapter path (without suffix); None = the default one for the model.
+    adapter: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,8 @@ class GenerationResult:
     ttft_s: float
     # Time from the first to the last generated token.
     decode_s: float
+    # Engine-specific counters (KVSwap: reuse rate, bytes read, hot tier and metadata bytes).
+    extra: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -53,6 +53,7 @@ def test_hf_rejects_too_long_prompt(hf_gen: Generator) -> None:
 
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_cli_generate_builtin_document(engine: str, default_model: Path) -> None:
+    # hf runs KVSwap with the KV cache on disk (the default adapter comes from `make adapter`).
     res = run_kvswap("generate", "--engine", engine, "--model", str(default_model), "--check", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)
@@ -61,3 +62,25 @@ def test_cli_generate_builtin_document(engine: str, default_model: Path) -> None
     assert 3000 < report["prompt_tokens"] < 4200
     assert report["decode_tokens_per_s"] > 0 and report["peak_rss_mb"] > 500
     assert report["processes"] >= (3 if engine == "vllm" else 1)
+    if engine == "hf":
+        assert "KVSwap, KV cache on disk" in report["kv_path"]
+        row = report["prompts"][0]
+        assert row["bytes_read"] > 0 and row["prefetched_loads"] > 0 and 0 < row["reuse_rate"] < 1
+        # The hot tier holds M/G = 100 groups per layer: far less than the 3.5k-token context.
+        assert row["hot_tier_bytes"] < 0.25 * report["prompt_tokens"] * 30 * 3 * 64 * 2 * 4
+
+
+def test_cli_hf_batch_and_dense_cache(default_model: Path, tmp_path: Path) -> None:
+    res = run_kvswap("generate", "--engine", "hf", "--model", str(default_model), "--predictor", "none",
+                     "--batch-size", "2", "--document-tokens", "1200", "--check", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert len(report["prompts"]) == 2 and report["kv_path"].startswith("hf: HF transformers, dense")
+    lengths = [p["prompt_tokens"] for p in report["prompts"]]
+    assert lengths[0] != lengths[1]
+
+
+def test_cli_missing_adapter_is_a_clear_error(default_model: Path, tmp_path: Path) -> None:
+    res = run_kvswap("generate", "--engine", "hf", "--model", str(default_model),
+                     "--adapter", str(tmp_path / "nope"), "--document-tokens", "300")
+    assert res.returncode == 2 and "no low-rank adapter" in res.stderr and "kvswap calibrate" in res.stderr

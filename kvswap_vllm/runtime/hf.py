@@ -1,4 +1,5 @@
-"""Greedy generation with Hugging Face transformers, one prompt at a time."""
+"""Greedy generation with Hugging Face transformers, one prompt at a time: KVSwap with the KV
+cache on disk (the default), or HF's own dense in-memory cache (predictor None)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,14 @@ import time
 
 import torch
 
-from kvswap_vllm.generation import GenerationConfig, GenerationResult, Generator
+from kvswap_vllm.errors import KVSwapError
+from kvswap_vllm.generation import GenerationConfig, GenerationResult, Generator, KVSwapOptions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 class HFGenerator(Generator):
-    """HF transformers with its default dynamic KV cache in memory."""
-
-    kv_path = "hf: HF transformers, dense (the whole KV cache in memory)"
+    """HF transformers; KVSwap decoding from the disk tier unless the predictor is None."""
 
     def __init__(self, config: GenerationConfig) -> None:
         super().__init__(config)
@@ -25,9 +25,51 @@ class HFGenerator(Generator):
         torch.manual_seed(config.seed)
         self._tokenizer = AutoTokenizer.from_pretrained(config.model)
         self._model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_DTYPES[config.dtype]).eval()
+        opts = config.kvswap or KVSwapOptions(predictor=None)
+        self._runtime = None
+        if opts.predictor is None:
+            self.kv_path = "hf: HF transformers, dense (the whole KV cache in memory)"
+        else:
+            self._runtime, self._store = self._kvswap_runtime(opts)
+            self.kv_path = (f"hf: KVSwap, KV cache on disk ({self._store.config.root}); predictor {opts.predictor}, "
+                            f"M={opts.budget_tokens} tokens, G={opts.group_size}"
+                            + (f", storage profile {opts.storage_profile}" if opts.storage_profile else ""))
+
+    def _kvswap_runtime(self, opts: KVSwapOptions):
+        from kvswap_vllm.models.fingerprint import model_fingerprint
+        from kvswap_vllm.paths import kv_dir
+        from kvswap_vllm.predict.adapter import LowRankAdapter, default_adapter_path
+        from kvswap_vllm.predict.base import SelectionConfig, predictor_class
+        from kvswap_vllm.runtime.hf_disk import DiskRuntimeConfig, KVSwapDisk
+        from kvswap_vllm.runtime.hf_kvswap import model_shape
+        from kvswap_vllm.store import DiskStore, StoreConfig
+        from kvswap_vllm.store.profiles import get_profile
+
+        shape = model_shape(self._model.config)
+        fp = model_fingerprint(self.config.model)
+        adapter = None
+        if predictor_class(opts.predictor).needs_adapter:
+            adapter = LowRankAdapter.load(opts.adapter or default_adapter_path(fp, shape.head_dim), fp)
+        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self._model.dtype]
+        profile = get_profile(opts.storage_profile) if opts.storage_profile else None
+        store = DiskStore(StoreConfig(root=opts.kv_dir or kv_dir(), model_fingerprint=fp, num_layers=shape.num_layers,
+                                      num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                                      group_size=opts.group_size, dtype=dtype,
+                                      **(profile.store_settings() if profile else {})),
+                          throttle=profile.throttle() if profile else None)
+        selection = SelectionConfig(budget_tokens=opts.budget_tokens, group_size=opts.group_size)
+        if opts.predictor == "dense":
+            selection = SelectionConfig(budget_tokens=self.config.max_model_len, group_size=opts.group_size)
+        return KVSwapDisk(self._model, store, DiskRuntimeConfig(selection, opts.predictor), adapter), store
+
+    def _eos_ids(self) -> set[int]:
+        eos = self._model.generation_config.eos_token_id
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, list) else {int(eos)}
 
     @torch.inference_mode()
-    def _one(self, prompt: list[int]) -> GenerationResult:
+    def _dense(self, prompt: list[int]) -> GenerationResult:
         ids = torch.tensor([prompt])
         t0 = time.perf_counter()
         out = self._model(input_ids=ids, use_cache=True)
@@ -43,13 +85,26 @@ class HFGenerator(Generator):
         text = self._tokenizer.decode(generated, skip_special_tokens=True)
         return GenerationResult(text, len(prompt), len(generated), t_first - t0, t_last - t_first)
 
-    def _eos_ids(self) -> set[int]:
-        eos = self._model.generation_config.eos_token_id
-        if eos is None:
-            return set()
-        return set(eos) if isinstance(eos, list) else {int(eos)}
+    def _kvswap(self, prompt: list[int]) -> GenerationResult:
+        from kvswap_vllm.runtime.hf_disk import generate
+
+        tokens, info = generate(self._model, self._runtime, prompt, self.config.max_new_tokens, self._eos_ids())
+        self._runtime.current.close()
+        self._runtime.current = None
+        extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()
+                 if k not in ("ttft_s", "decode_s")}
+        text = self._tokenizer.decode(tokens, skip_special_tokens=True)
+        return GenerationResult(text, len(prompt), len(tokens), info["ttft_s"], info["decode_s"], extra)
 
     def generate(self, prompts: list[list[int]]) -> list[GenerationResult]:
         if any(len(p) + self.config.max_new_tokens > self.config.max_model_len for p in prompts):
             raise ValueError(f"a prompt plus max_new_tokens exceeds max_model_len={self.config.max_model_len}")
-        return [self._one(p) for p in prompts]
+        one = self._dense if self._runtime is None else self._kvswap
+        return [one(p) for p in prompts]
+
+    def close(self) -> None:
+        if self._runtime is not None:
+            if self._runtime.current is not None:
+                self._runtime.current.close()
+            self._store.close()
+            self._runtime = None

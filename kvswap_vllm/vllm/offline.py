@@ -24,6 +24,9 @@ class VllmGenerator(Generator):
 
     def __init__(self, config: GenerationConfig) -> None:
         super().__init__(config)
+        if config.kvswap is not None and config.kvswap.predictor is not None:
+            self.kv_path = (self.kv_path + "; KVSwap options ignored: KVSwap decoding inside vLLM is not "
+                            "available yet (use --engine hf)")
         if _on_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
         # vLLM logs to stdout by default; stdout carries our report (and --json).
