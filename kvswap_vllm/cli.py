@@ -85,7 +85,9 @@ def _read_prompts(args: argparse.Namespace) -> list[tuple[str, "DemoDocument | N
 def _kvswap_options(args: argparse.Namespace):
     from kvswap_vllm.generation import KVSwapOptions
 
-    predictor = None if args.predictor == "none" else args.predictor
+    # Engine default: KVSwap on the hf engine; the stock engine's own cache on vllm.
+    chosen = args.predictor or ("kvswap" if args.engine == "hf" else "none")
+    predictor = None if chosen == "none" else chosen
     return KVSwapOptions(predictor=predictor, budget_tokens=args.budget_tokens, group_size=args.group_size,
                          kv_dir=args.kv_dir, storage_profile=args.storage_profile, adapter=args.adapter)
 
@@ -330,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--question", default=None, help="appended to each --prompt-file's text")
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="without --prompt-file: that many built-in documents of different lengths (default: 1)")
-    gen.add_argument("--predictor", default="kvswap",
+    gen.add_argument("--predictor", default=None,
                      choices=["kvswap", "kvswap-paper", "quest", "window", "dense", "none"],
-                     help="hf engine: how decode selects groups (default: kvswap); none = HF's in-memory cache")
+                     help="how decode selects groups (default: kvswap on hf; none on vllm); "
+                     "none = the engine's own in-memory KV cache")
     gen.add_argument("--budget-tokens", type=_positive_int, default=400,
                      help="M: tokens each layer attends to per step, besides the rolling tail (default: 400)")
     gen.add_argument("--group-size", type=_positive_int, default=4, help="G: tokens per group (default: 4)")
