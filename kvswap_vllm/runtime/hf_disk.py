@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvswap_vllm.hot.tier import HotTier
 from kvswap_vllm.predict.base import Predictor, SelectionConfig, create_predictor
 from kvswap_vllm.prefetch.pipeline import LayerPrefetcher
-from kvswap_vllm.runtime.hf_kvswap import _rope, model_shape, register_attention
+from kvswap_vllm.runtime.hf_kvswap import layer_query, model_shape, register_attention
 from kvswap_vllm.store.disk_store import DiskStore
 
 ATTENTION_NAME = "kvswap_disk"
@@ -175,19 +175,12 @@ class KVSwapDisk:
                 ahead = target == layer + 1
                 if target >= self.shape.num_layers or (ahead and target < 2) or (not ahead and target >= 2):
                     continue
-                q = self._query(target, hidden, cos, sin)
+                q = layer_query(self._attn[target], hidden, cos, sin, self.shape.head_dim)
                 seq.prefetch.submit(target, seq.predictor.select(target, q), ahead=ahead)
             return None
 
         return hook
 
-    def _query(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """`layer`'s query for the last token of `hidden`: (num_q_heads, head_dim), post-RoPE."""
-        attn = self._attn[layer]
-        q = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, self.shape.head_dim)
-        if hasattr(attn, "q_norm"):
-            q = attn.q_norm(q)
-        return _rope(q.transpose(1, 2), cos, sin)[0, :, -1]
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):

@@ -55,6 +55,15 @@ def _rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return q * cos + rotated * sin
 
 
+def layer_query(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The query `attn` would compute for the last token of `hidden` (its normalised input):
+    (num_q_heads, head_dim), post-RoPE; with another layer's `attn`, the layer-ahead estimate."""
+    q = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q = attn.q_norm(q)
+    return _rope(q.transpose(1, 2), cos, sin)[0, :, -1]
+
+
 class KVSwapReference:
     """Installs sparse decoding into `model`; `start_sequence` before each prompt."""
 
@@ -95,11 +104,7 @@ class KVSwapReference:
             cos, sin = kwargs["position_embeddings"]
             if hidden is None or hidden.shape[1] != 1:
                 return None
-            attn = self._attn[nxt]
-            q = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, self.shape.head_dim)
-            if hasattr(attn, "q_norm"):
-                q = attn.q_norm(q)
-            self._q_pred[nxt] = _rope(q.transpose(1, 2), cos, sin)[0, :, -1]
+            self._q_pred[nxt] = layer_query(self._attn[nxt], hidden, cos, sin, self.shape.head_dim)
             return None
 
         return hook
