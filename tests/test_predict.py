@@ -68,7 +68,7 @@ def test_finds_the_group_the_query_points_at(predictor) -> None:
 
 def test_metadata_size(predictor) -> None:
     predictor.append_groups(0, keys(10))
-    per_token = {"kvswap": 2 * 8, "kvswap-paper": 16, "quest": 2 * 2 * 16 / 4, "window": 0, "dense": 0}
+    per_token = {"kvswap": 16, "kvswap-paper": 16, "quest": 2 * 2 * 16 / 4, "window": 0, "dense": 0}
     assert predictor.metadata_bytes() == pytest.approx(10 * 4 * per_token[predictor.name] * 4)
 
 

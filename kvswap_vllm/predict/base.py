@@ -94,7 +94,7 @@ class Predictor(ABC):
 
 #: Predictor name -> "module:Class", imported lazily.
 PREDICTORS: dict[str, str] = {
-    "kvswap": "kvswap_vllm.predict.lowrank:PerHeadLowRank",
+    "kvswap": "kvswap_vllm.predict.lowrank:HeadwiseLowRank",
     "kvswap-paper": "kvswap_vllm.predict.lowrank:JointLowRank",
     "quest": "kvswap_vllm.predict.quest:Quest",
     "window": "kvswap_vllm.predict.window:SinkWindow",

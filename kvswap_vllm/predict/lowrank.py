@@ -1,12 +1,16 @@
-"""Low-rank key predictors (KVSwap). Both keep `rank` numbers per token per layer.
+"""Low-rank key predictors (KVSwap). Both keep the same metadata: per token per layer, the
+keys of all KV heads concatenated and projected on the joint basis A (H*d, r): `rank` numbers.
 
-- JointLowRank ("kvswap-paper", as published): keys of all KV heads concatenated, projected
-  on the joint basis A (H*d, r); the query is averaged within each GQA group, each KV head's
-  part projected through its (d, r) slice of A and averaged over heads: one score per token.
-- PerHeadLowRank ("kvswap"): each KV head projected on its own basis (d, r/H); each query
-  head scored in its KV head's space and turned into an estimated attention distribution
-  (softmax over tokens); a group's score is its estimated attention mass, summed over heads.
-The paper's group score is the max over its tokens.
+- JointLowRank ("kvswap-paper", as published): the query is averaged within each GQA group,
+  each KV head's part projected through its (d, r) slice of A and the parts summed: one
+  score per token, shared by heads; a group's score is the max over its tokens.
+- HeadwiseLowRank ("kvswap"): every query head is projected through its own KV head's slice
+  of A and scored separately (A A^T keeps each head's share of q.k); per head the scores
+  become an estimated attention distribution (softmax over tokens); a group's score is its
+  estimated attention mass, summed over heads. Averaging queries across heads, as the paper
+  does, lets heads cancel out; measured on SmolLM2 (docs/results/quality.json), scoring heads
+  separately keeps more passkeys at the same metadata size. (Per-KV-head bases of rank r/H,
+  also in the adapter, did worse at 7k tokens: too few dimensions per head.)
 """
 
 from __future__ import annotations
@@ -50,20 +54,14 @@ class JointLowRank(_LowRank):
         return self._group_max(self._keys(layer) @ q_lr)
 
 
-class PerHeadLowRank(_LowRank):
+class HeadwiseLowRank(JointLowRank):
     name = "kvswap"
-
-    def _append(self, layer: int, keys: torch.Tensor) -> None:
-        k = keys.reshape(-1, self.shape.num_kv_heads, self.shape.head_dim).float()
-        self._lr[layer].append(torch.einsum("thd,hdr->thr", k, self.adapter.per_head[layer]))  # (tokens, H, r_h)
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         s = self.shape
+        a = self.adapter.joint[layer].view(s.num_kv_heads, s.head_dim, -1)  # per-head slices (H, d, r)
         q = query.float().view(s.num_kv_heads, s.gqa, s.head_dim)
-        q_lr = torch.einsum("hgd,hdr->hgr", q, self.adapter.per_head[layer])  # (H, gqa, r_h)
-        logits = torch.einsum("thr,hgr->thg", self._keys(layer), q_lr).flatten(1) * s.head_dim**-0.5
-        # Per query head, an estimate of its attention distribution; a token's score is the
-        # estimated attention mass it gets, summed over heads (heads with peaky logits do not
-        # drown the others, as a plain max over raw logits lets them).
+        q_lr = torch.einsum("hgd,hdr->hgr", q, a).reshape(s.num_q_heads, -1)  # (q_heads, r)
+        logits = self._keys(layer) @ q_lr.T * s.head_dim**-0.5  # (tokens, q_heads)
         mass = torch.softmax(logits, dim=0).sum(dim=1)
-        return mass.view(-1, self.selection.group_size).sum(dim=1)  # the group's estimated mass
+        return mass.view(-1, self.selection.group_size).sum(dim=1)

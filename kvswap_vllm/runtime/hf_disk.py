@@ -26,6 +26,7 @@ from kvswap_vllm.predict.base import Predictor, SelectionConfig, create_predicto
 from kvswap_vllm.prefetch.pipeline import LayerPrefetcher
 from kvswap_vllm.runtime.hf_kvswap import layer_query, model_shape, register_attention
 from kvswap_vllm.store.disk_store import DiskStore
+from kvswap_vllm.store.fileio import aligned_tensor
 
 ATTENTION_NAME = "kvswap_disk"
 
@@ -81,7 +82,9 @@ class _Layer(DynamicLayer):
         g = self.seq.group_size
         k, v = self.keys[0, :, :tokens], self.values[0, :, :tokens]  # (H, T, d)
         groups = torch.stack([k, v], dim=1).view(k.shape[0], 2, tokens // g, g, k.shape[-1])
-        groups = groups.permute(2, 0, 1, 3, 4).contiguous()  # (n, H, 2, G, d): the store's layout
+        # (n, H, 2, G, d), the store's layout, in page-aligned memory: written without a copy.
+        groups = aligned_tensor(tuple(groups.permute(2, 0, 1, 3, 4).shape), groups.dtype).copy_(
+            groups.permute(2, 0, 1, 3, 4))
         self.seq.write_groups(self.layer, self.disk_groups, groups, k.transpose(0, 1))
         self.disk_groups += tokens // g
         self.keys, self.values = self.keys[:, :, tokens:], self.values[:, :, tokens:]

@@ -10,9 +10,7 @@ no open sequence uses; a full disk stops writing (one warning) and reads go on.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,14 +19,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from kvswap_vllm.store import fileio
 from kvswap_vllm.store.config import StoreConfig
 from kvswap_vllm.store.crypto import OVERHEAD, GroupCipher
 from kvswap_vllm.store.errors import DamagedFileError, FormatError, StoreError
-from kvswap_vllm.store.format import SegmentInfo, checksum, open_segment, parse_segment, serialize_segment
+from kvswap_vllm.store.format import (
+    SegmentInfo, SerializedSegment, checksum, open_segment, segment_info, serialize_segment,
+)
 from kvswap_vllm.store.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -124,9 +123,7 @@ class DiskStore:
         # One writer thread keeps files in submission order; two buffers let the next file be
         # serialised while the previous one is written.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvswap-writer")
-        self._slots: queue.Queue[_WriteSlot] = queue.Queue()
-        for _ in range(2):
-            self._slots.put(_WriteSlot())
+        self._in_flight = threading.BoundedSemaphore(2)
         self._pending: list[tuple[str, int, int, int]] = []
         self._load_index()
 
@@ -235,9 +232,11 @@ class DiskStore:
         self, sequence: str, layer: int, first_group: int, kv: torch.Tensor,
         block_hashes: Sequence[bytes | None] | None = None,
     ) -> Future[bool]:
-        """Like write_groups, but only checksums and serialisation happen now; the disk write
-        runs in the writer thread, so a prefill prepares layer L+1 while layer L is written.
-        The groups become readable when the future resolves; `kv` may be reused at once."""
+        """Like write_groups, but only checksums and the file layout are computed now; the disk
+        write runs in the writer thread, so a prefill prepares layer L+1 while layer L is
+        written. The kv bytes are written from `kv` itself (zero-copy; page-aligned memory such
+        as `fileio.aligned_tensor` bypasses the page cache): do not modify `kv` until the future
+        resolves. The groups become readable then."""
         _check_name(sequence)
         n = self._check_kv(kv, layer)
         hashes = list(block_hashes) if block_hashes is not None else [None] * n
@@ -248,45 +247,46 @@ class DiskStore:
         with self._lock:
             self._check_no_overlap(sequence, layer, first_group, n)
         rows, crcs = self._encode_rows(sequence, layer, first_group, kv)
-        slot = self._slots.get()  # blocks while every buffer is being written: back-pressure
+        data = serialize_segment(self.config, layer, sequence, first_group, rows, self._row_bytes, crcs, hashes)
+        self._in_flight.acquire()  # at most two files queued: back-pressure on a slow disk
         try:
-            data = serialize_segment(self.config, layer, sequence, first_group, rows, self._row_bytes, crcs,
-                                     hashes, allocate=slot.ensure)
             with self._lock:
                 self._check_no_overlap(sequence, layer, first_group, n)
-                if not self._make_room(len(data)):
+                if not self._make_room(data.size):
                     self.stats.capacity_rejects += 1
-                    self._slots.put(slot)
+                    self._in_flight.release()
                     return _resolved(False)
-                self._used_bytes += len(data)  # reserved until the file exists
+                self._used_bytes += data.size  # reserved until the file exists
                 self._pending.append((sequence, layer, first_group, n))
                 path = self._segment_path(sequence, layer, first_group)
                 fileio.ensure_private_dir(path.parent, self.config.root)
         except BaseException:
-            self._slots.put(slot)
+            self._in_flight.release()
             raise
-        return self._writer.submit(self._finish_write, path, data, slot, (sequence, layer, first_group, n))
+        info = segment_info(path, layer, sequence, first_group, self._row_bytes, crcs, hashes, data)
+        # `kv` and `rows` stay referenced by the task until the bytes are on disk.
+        return self._writer.submit(self._finish_write, path, data, info, (sequence, layer, first_group, n), (kv, rows))
 
-    def _finish_write(self, path: Path, data: memoryview, slot: _WriteSlot, key: tuple[str, int, int, int]) -> bool:
+    def _finish_write(self, path: Path, data: SerializedSegment, info: SegmentInfo,
+                      key: tuple[str, int, int, int], keep_alive: object) -> bool:
         try:
             try:
-                fileio.write_atomic(path, data)
-                info = parse_segment(pa.py_buffer(data), path, self.config)
+                fileio.write_atomic(path, data.pieces)
             finally:
-                self._slots.put(slot)
+                self._in_flight.release()
         except OSError as exc:
             with self._lock:
-                self._used_bytes -= len(data)
+                self._used_bytes -= data.size
                 self._pending.remove(key)
             if not fileio.is_disk_full(exc):
                 raise StoreError(f"cannot write block file {path}: {exc.strerror or exc}") from exc
             self._on_disk_full(path, exc)
             return False
         with self._lock:
-            self._used_bytes -= len(data)
+            self._used_bytes -= data.size
             self._pending.remove(key)
             self._add(_Segment(info, last_used=time.time()))
-            self.stats.bytes_written += len(data)
+            self.stats.bytes_written += data.size
             self.stats.groups_written += key[3]
         return True
 
@@ -581,18 +581,6 @@ class DiskStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _WriteSlot:
-    """A page-aligned serialisation buffer, grown on demand and reused."""
-
-    def __init__(self) -> None:
-        self.buf: mmap.mmap | None = None
-
-    def ensure(self, size: int) -> mmap.mmap:
-        if self.buf is None or len(self.buf) < size:
-            self.buf = fileio.aligned_buffer(size)
-        return self.buf
 
 
 def _resolved(value: bool) -> Future[bool]:

@@ -149,34 +149,57 @@ def check_private_dir(path: Path, create: bool) -> None:
         raise StoreError(f"refusing cache folder {path}: owned by uid {st.st_uid}, not by this user")
 
 
-def write_atomic(path: Path, data: memoryview | bytes) -> None:
-    """Write a new private file: temp file, fsync, rename.
+def write_atomic(path: Path, pieces: list[tuple[int, memoryview]] | tuple[tuple[int, memoryview], ...]) -> None:
+    """Write a new private file from (offset, bytes) pieces: temp file, fsync, rename.
 
-    The 4 KiB-aligned bulk goes out with O_DIRECT when `data` is a view of page-aligned memory
-    (`thread_buffer`) and the file system allows it; the short tail, buffered. A crash at any
-    instant leaves either no file or the whole file under `path`; temp files start with ".tmp-"
-    and are removed by the store. ENOSPC is raised as OSError.
+    The 4 KiB-aligned part of each piece whose offset and memory are page-aligned goes out with
+    O_DIRECT (no page cache, no copy) where the file system allows it; the rest is written
+    buffered and dropped from the page cache after the fsync. A crash at any instant leaves
+    either no file or the whole file under `path`; temp files start with ".tmp-" and are
+    removed by the store. ENOSPC is raised as OSError.
     """
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}")
-    view = memoryview(data).cast("B")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    dfd = -1
     try:
-        done = _write_direct(tmp, view) if _page_aligned(view) else 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], done)
+        for offset, data in pieces:
+            view = memoryview(data).cast("B")
+            done = 0
+            if offset % ALIGN == 0 and align_down(len(view)) and _page_aligned(view):
+                if dfd < 0:
+                    dfd = _open_direct(tmp)
+                if dfd >= 0:
+                    done = _pwrite_all(dfd, view[: align_down(len(view))], offset)
+            _pwrite_all(fd, view[done:], offset + done)
         os.fsync(fd)
         drop_page_cache(fd)  # written KV must not sit in the page cache either
-        os.close(fd)
-        fd = -1
         # The data is durable before the rename, so the name never points at partial bytes.
         # The folder is not fsynced: a power cut may forget the newest files (it is a cache),
         # and a folder fsync per file would cost a journal commit each.
         os.replace(tmp, path)
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
+        if dfd >= 0:
+            os.close(dfd)
+
+
+def _open_direct(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # no O_DIRECT on this file system
+            return -2
+        raise
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
 
 
 def _page_aligned(view: memoryview) -> bool:
@@ -185,30 +208,6 @@ def _page_aligned(view: memoryview) -> bool:
     if view.readonly:
         return False
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
-
-
-def _write_direct(path: Path, view: memoryview) -> int:
-    """Write the aligned prefix of `view` with O_DIRECT; bytes written (0 if unsupported)."""
-    n = align_down(len(view))
-    if n == 0:
-        return 0
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return 0
-        raise
-    try:
-        done = 0
-        while done < n:
-            done += os.pwrite(fd, view[done:n], done)
-        return done
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return 0
-        raise
-    finally:
-        os.close(fd)
 
 
 _local = threading.local()

@@ -167,22 +167,91 @@ def _base_address(mm: pa.NativeFile) -> int:
     return mm.read_buffer(1).address
 
 
+@dataclass(frozen=True)
+class SerializedSegment:
+    """A block file as pieces to write: (file offset, bytes). The kv column is a view of the
+    caller's memory (zero-copy); the header and trailer are small staged copies."""
+
+    pieces: tuple[tuple[int, memoryview], ...]
+    size: int
+    data_offset: int
+
+
+class _PieceSink:
+    """A write-only stream for the IPC writer that keeps the kv buffer by reference."""
+
+    def __init__(self, kv_address: int) -> None:
+        self.kv_address = kv_address
+        self.pos = 0
+        self.pieces: list[tuple[int, memoryview]] = []
+        self._staged = bytearray()
+        self._staged_at = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) and pa.py_buffer(data).address == self.kv_address:
+            self._cut()
+            self.pieces.append((self.pos, view))
+            self._staged_at = self.pos + len(view)
+        else:
+            self._staged += view
+        self.pos += len(view)
+        return len(view)
+
+    def _cut(self) -> None:
+        if self._staged:
+            self.pieces.append((self._staged_at, _aligned_copy(self._staged)))
+            self._staged = bytearray()
+
+    def finish(self) -> list[tuple[int, memoryview]]:
+        self._cut()
+        return self.pieces
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def writable(self) -> bool:
+        return True
+
+
+def _aligned_copy(data: bytes | bytearray) -> memoryview:
+    buf = mmap.mmap(-1, max(1, len(data)))
+    buf[: len(data)] = data
+    return memoryview(buf)[: len(data)]
+
+
 def serialize_segment(
     cfg: StoreConfig, layer: int, sequence: str, first_group: int,
     rows: memoryview, row_bytes: int, crcs: np.ndarray, block_hashes: list[bytes | None],
-    allocate: Callable[[int], mmap.mmap],
-) -> memoryview:
-    """One block file's bytes (a single record batch of `len(crcs)` groups), serialised straight
-    into memory from `allocate(size)`: page-aligned memory lets the write bypass the page cache."""
-    n = len(crcs)
+) -> SerializedSegment:
+    """One block file (a single record batch of `len(crcs)` groups) as pieces to write. The kv
+    bytes are not copied: when `rows` is page-aligned memory they go to disk with O_DIRECT."""
     sch = _aligned_schema(row_bytes, file_metadata(cfg, layer, sequence, first_group))
     batch = _batch(sch, row_bytes, rows, first_group, crcs, block_hashes)
-    mock = pa.MockOutputStream()
-    _write_ipc(mock, sch, batch)
-    size = mock.size()
-    buf = allocate(size)
-    _write_ipc(pa.FixedSizeBufferWriter(pa.py_buffer(buf)), sch, batch)
-    return memoryview(buf)[:size]
+    sink = _PieceSink(pa.py_buffer(rows).address)
+    _write_ipc(pa.PythonFile(sink, mode="w"), sch, batch)
+    pieces = sink.finish()
+    kv_offset = next((off for off, view in pieces if len(view) == len(rows) and off % 8 == 0
+                      and pa.py_buffer(view).address == sink.kv_address), None)
+    if kv_offset is None:
+        raise AssertionError("pyarrow did not hand the kv buffer over by reference")
+    return SerializedSegment(tuple(pieces), sink.pos, kv_offset)
+
+
+def segment_info(path: Path, layer: int, sequence: str, first_group: int, row_bytes: int, crcs: np.ndarray,
+                 block_hashes: list[bytes | None], written: SerializedSegment) -> SegmentInfo:
+    """The SegmentInfo of a file this process just wrote (no need to parse it back)."""
+    return SegmentInfo(path=path, layer=layer, sequence=sequence, first_group=first_group, num_groups=len(crcs),
+                       row_bytes=row_bytes, data_offset=written.data_offset, crc32c=crcs.copy(),
+                       block_hashes={i: h for i, h in enumerate(block_hashes) if h is not None},
+                       file_bytes=written.size)
 
 
 def _batch(sch: pa.Schema, row_bytes: int, rows: memoryview | bytes, first_group: int, crcs: np.ndarray,
