@@ -38,7 +38,7 @@ class ResourceMeter:
         self.usage: ResourceUsage | None = None
 
     def __enter__(self) -> "ResourceMeter":
-        self._sample()
+        self._sample(baseline=True)
         self._thread.start()
         return self
 
@@ -54,7 +54,7 @@ class ResourceMeter:
         while not self._stop.wait(self._interval_s):
             self._sample()
 
-    def _sample(self) -> None:
+    def _sample(self, baseline: bool = False) -> None:
         try:
             procs = [self._root, *self._root.children(recursive=True)]
         except psutil.Error:
@@ -68,7 +68,8 @@ class ResourceMeter:
             except (psutil.Error, AttributeError):
                 continue
             counters = (io.read_bytes, io.write_bytes)
-            # A process first seen mid-run counts from zero: its I/O belongs to this run.
-            self._io_start.setdefault(proc.pid, counters if proc is self._root else (0, 0))
+            # Processes alive at the start count from their current counters; one that appears
+            # mid-run counts from zero: all its I/O belongs to this run.
+            self._io_start.setdefault(proc.pid, counters if baseline else (0, 0))
             self._io_last[proc.pid] = counters
         self._peak_rss = max(self._peak_rss, rss)

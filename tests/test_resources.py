@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 from kvswap_vllm.resources import ResourceMeter
 
@@ -25,7 +26,18 @@ def test_meter_counts_children_rss_and_disk_writes(tmp_path) -> None:
     assert usage.num_processes >= 2
 
 
-def test_meter_idle_process_counts_little() -> None:
-    with ResourceMeter(interval_s=0.05) as meter:
-        pass
+def test_meter_idle_process_counts_little(tmp_path) -> None:
+    # A child that wrote 16 MiB *before* the meter started must not be counted.
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\n" + CHILD.replace("time.sleep(1.0)", "time.sleep(3.0)"),
+                              str(tmp_path / "f")])
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "f").exists() or (tmp_path / "f").stat().st_size < 16 * 2**20:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        with ResourceMeter(interval_s=0.05) as meter:
+            time.sleep(0.2)
+    finally:
+        child.wait()
     assert meter.usage is not None and meter.usage.disk_write_bytes < 2**20
