@@ -260,9 +260,15 @@ def _batch(sch: pa.Schema, row_bytes: int, rows: memoryview | bytes, first_group
     kv = pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pa.py_buffer(rows)])
     return pa.record_batch(
         [kv, pa.array(np.arange(first_group, first_group + n, dtype=np.int64)),
-         pa.array(crcs, type=pa.uint32()), pa.array(block_hashes, type=pa.binary())],
+         pa.array(crcs, type=pa.uint32()), _hash_column(block_hashes)],
         schema=sch,
     )
+
+
+def _hash_column(block_hashes: list[bytes | None]) -> pa.Array:
+    if not any(block_hashes):  # the common case (decode groups, private requests): no list walk in Arrow
+        return pa.nulls(len(block_hashes), pa.binary())
+    return pa.array(block_hashes, type=pa.binary())
 
 
 def _kv_offset(sch: pa.Schema, row_bytes: int) -> int:
