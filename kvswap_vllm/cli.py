@@ -10,10 +10,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from kvswap_vllm import __version__
 from kvswap_vllm.errors import KVSwapError
+
+if TYPE_CHECKING:
+    from kvswap_vllm.demo_document import DemoDocument
 
 DEFAULT_DOCUMENT_TOKENS = 3500
 

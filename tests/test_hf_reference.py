@@ -4,14 +4,12 @@ and really restricts attention when it does not (tiny random Llama built on the 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
 from kvswap_vllm.predict.base import PREDICTORS, SelectionConfig
 from kvswap_vllm.runtime.hf_kvswap import KVSwapReference, model_shape
-from tests.test_predict import random_adapter
 
 
 def tiny_llama(seed: int = 0):

@@ -7,7 +7,6 @@ import time
 
 import torch
 
-from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.generation import GenerationConfig, GenerationResult, Generator, KVSwapOptions
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}

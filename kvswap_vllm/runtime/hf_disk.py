@@ -81,10 +81,12 @@ class _Layer(DynamicLayer):
             return
         g = self.seq.group_size
         k, v = self.keys[0, :, :tokens], self.values[0, :, :tokens]  # (H, T, d)
-        groups = torch.stack([k, v], dim=1).view(k.shape[0], 2, tokens // g, g, k.shape[-1])
-        # (n, H, 2, G, d), the store's layout, in page-aligned memory: written without a copy.
-        groups = aligned_tensor(tuple(groups.permute(2, 0, 1, 3, 4).shape), groups.dtype).copy_(
-            groups.permute(2, 0, 1, 3, 4))
+        h, d, n = k.shape[0], k.shape[-1], tokens // g
+        # One copy into the store's layout (n, H, 2, G, d), in page-aligned memory, which the
+        # store then writes to disk without another copy.
+        groups = aligned_tensor((n, h, 2, g, d), k.dtype)
+        groups[:, :, 0] = k.reshape(h, n, g, d).transpose(0, 1)
+        groups[:, :, 1] = v.reshape(h, n, g, d).transpose(0, 1)
         self.seq.write_groups(self.layer, self.disk_groups, groups, k.transpose(0, 1))
         self.disk_groups += tokens // g
         self.keys, self.values = self.keys[:, :, tokens:], self.values[:, :, tokens:]

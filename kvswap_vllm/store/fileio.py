@@ -8,8 +8,12 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvswap_vllm.store.errors import ShortReadError, StoreError
+
+if TYPE_CHECKING:
+    import torch
 
 #: O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical block size;
 #: 4 KiB covers every device we target.
@@ -213,13 +217,13 @@ def _page_aligned(view: memoryview) -> bool:
 _local = threading.local()
 
 
-def thread_buffer(nbytes: int, role: str = "read") -> mmap.mmap:
-    """A page-aligned buffer reused by the calling thread for `role` (no page faults after
-    warm-up); its contents are valid until the thread's next call for the same role."""
-    buf = getattr(_local, role, None)
+def thread_buffer(nbytes: int) -> mmap.mmap:
+    """A page-aligned buffer reused by the calling thread (no page faults after warm-up);
+    its contents are valid until the thread's next call."""
+    buf = getattr(_local, "buf", None)
     if buf is None or len(buf) < nbytes:
         buf = aligned_buffer(max(nbytes, 1 << 20))
-        setattr(_local, role, buf)
+        _local.buf = buf
     return buf
 
 

@@ -3,10 +3,8 @@ layer of one sequence. Thin code over pyarrow; every check raises a precise Form
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import crc32c
 import numpy as np
@@ -14,6 +12,7 @@ import pyarrow as pa
 
 from kvswap_vllm.store.config import StoreConfig
 from kvswap_vllm.store.errors import DamagedFileError, FormatError, ModelMismatchError
+from kvswap_vllm.store.fileio import aligned_buffer
 
 FORMAT_VERSION = 1
 #: The kv bytes of a block file start at a multiple of this (O_DIRECT alignment).
@@ -222,7 +221,7 @@ class _PieceSink:
 
 
 def _aligned_copy(data: bytes | bytearray) -> memoryview:
-    buf = mmap.mmap(-1, max(1, len(data)))
+    buf = aligned_buffer(len(data))
     buf[: len(data)] = data
     return memoryview(buf)[: len(data)]
 
