@@ -591,3 +591,21 @@ def _identity(sequence: str, layer: int, group: int) -> bytes:
 def _check_name(sequence: str) -> None:
     if not sequence or "/" in sequence or sequence.startswith(".") or len(sequence) > 200:
         raise ValueError(f"invalid sequence name {sequence!r}: non-empty, no '/', not starting with '.'")
+
+
+def stored_block_hashes(config: StoreConfig) -> set[bytes]:
+    """Block hashes stored for every layer present under config's namespace, read from the file
+    footers only and without changing anything (a second process may be writing there)."""
+    layers_of: dict[bytes, set[int]] = {}
+    layers: set[int] = set()
+    if not config.namespace.is_dir():
+        return set()
+    for path in config.namespace.rglob(f"*{SEGMENT_SUFFIX}"):
+        try:
+            info = open_segment(path, config)
+        except (FormatError, OSError):
+            continue  # damaged or foreign: the store that owns the folder deals with it
+        layers.add(info.layer)
+        for h in info.block_hashes.values():
+            layers_of.setdefault(h, set()).add(info.layer)
+    return {h for h, seen in layers_of.items() if seen == layers}

@@ -1,0 +1,80 @@
+"""Options of the `kvswap` KV connector, read from `kv_connector_extra_config` and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from kvswap_vllm.errors import KVSwapError
+from kvswap_vllm.paths import kv_dir
+from kvswap_vllm.predict.base import PREDICTORS
+from kvswap_vllm.store.profiles import get_profile
+
+CONNECTOR_NAME = "kvswap"
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """What `--kv-transfer-config '{"kv_connector": "kvswap", "kv_connector_extra_config": {...}}'`
+    may set. Every key is optional."""
+
+    # Root of the disk tier (default $KVSWAP_HOME/kv); files go under
+    # <kv_dir>/kvswap-v<format>/<model fingerprint>/<tenant>.<dtype>.b<block>.tp<r>of<n>.pp<r>of<n>.
+    kv_dir: str | None = None
+    # Upper bound on the disk tier of this model, GiB, per rank; None = unbounded (LRU beyond it).
+    capacity_gb: float | None = None
+    # Requests of different tenants never share blocks.
+    tenant: str = "default"
+    # nvme / ufs / emmc / sd or a `kvswap store probe` JSON: shapes the reads.
+    storage_profile: str = "nvme"
+    # "auto": O_DIRECT where the file system accepts it; "on" requires it; "off" = buffered.
+    direct_io: str = "auto"
+    # Save blocks filled by decoding too (not only prompt blocks).
+    save_decode: bool = True
+    # KVSwap decoding inside vLLM (sparse attention over predicted blocks): budget in tokens,
+    # tokens per group, and the predictor. Validated here; see README for what vLLM uses today.
+    budget_tokens: int = 400
+    group_size: int = 4
+    predictor: str = "kvswap"
+
+    def __post_init__(self) -> None:
+        if self.capacity_gb is not None and (not _is_number(self.capacity_gb) or self.capacity_gb <= 0):
+            raise KVSwapError(f"kvswap connector: capacity_gb must be a positive number, got {self.capacity_gb!r}")
+        for name in ("budget_tokens", "group_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise KVSwapError(f"kvswap connector: {name} must be a positive integer, got {value!r}")
+        if self.predictor not in PREDICTORS:
+            raise KVSwapError(f"kvswap connector: unknown predictor {self.predictor!r}; "
+                              f"supported: {', '.join(sorted(PREDICTORS))}")
+        if self.direct_io not in ("auto", "on", "off"):
+            raise KVSwapError(f"kvswap connector: direct_io must be 'auto', 'on' or 'off', got {self.direct_io!r}")
+        if not isinstance(self.save_decode, bool):
+            raise KVSwapError(f"kvswap connector: save_decode must be true or false, got {self.save_decode!r}")
+        try:
+            get_profile(self.storage_profile)
+        except KVSwapError as exc:
+            raise KVSwapError(f"kvswap connector: {exc}") from exc
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "ConnectorConfig":
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise KVSwapError(f"kvswap connector: unknown option(s) {', '.join(unknown)} in "
+                              f"kv_connector_extra_config; valid: {', '.join(sorted(known))}")
+        return cls(**extra)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.kv_dir).expanduser() if self.kv_dir else kv_dir()
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        return None if self.capacity_gb is None else int(self.capacity_gb * (1 << 30))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
