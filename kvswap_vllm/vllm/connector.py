@@ -280,16 +280,23 @@ class _WorkerSide:
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvswap-save")
         self._report_lookups = True
         self._step_loads = 0
+        self._first_layer = 0
+        self._failed_saves: set[tuple[str, int]] = set()
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
         from vllm.model_executor.models.utils import extract_layer_index
 
-        tp_rank, pp_rank = get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+        layers = {name: extract_layer_index(name) for name in kv_caches}
+        self.attach(kv_caches, layers, get_tensor_model_parallel_rank(), get_pp_group().rank_in_group)
+
+    def attach(self, kv_caches: dict[str, torch.Tensor], layers: dict[str, int], tp_rank: int, pp_rank: int) -> None:
+        """Use these paged KV tensors (layer name -> tensor) as this rank's shard."""
         # Lookup counters come from the scheduler, once: only rank 0 reports them.
         self._report_lookups = tp_rank == 0 and pp_rank == 0
         self._kv = dict(kv_caches)
-        self._layers = {name: extract_layer_index(name) for name in kv_caches}
+        self._layers = dict(layers)
+        self._first_layer = min(layers.values())
         first = next(iter(kv_caches.values()))
         self._layout = KVLayout.detect(first, self.identity.block_size, self.identity.num_kv_heads,
                                        self.identity.head_dim, _cuda_layout())
@@ -394,10 +401,15 @@ class _WorkerSide:
         with self._lock:
             self._pending_bytes -= nbytes
             if ok:
-                self._stats.data["blocks_saved"] += len(spec.block_ids)
                 self._stats.data["bytes_saved"] += nbytes
-            else:
+            key = (spec.sequence, spec.first_group)
+            if not ok and key not in self._failed_saves:  # count a block once, whichever layers failed
+                if len(self._failed_saves) > 100_000:
+                    self._failed_saves.clear()
+                self._failed_saves.add(key)
                 self._stats.data["save_errors"] += len(spec.block_ids)
+            elif ok and layer == self._first_layer:
+                self._stats.data["blocks_saved"] += len(spec.block_ids)
 
     # ----- stats and shutdown -------------------------------------------------------------
     def _count(self, **values: float) -> None:
