@@ -92,7 +92,8 @@ def _kvswap_options(args: argparse.Namespace):
     chosen = args.predictor or ("kvswap" if args.engine == "hf" else "none")
     predictor = None if chosen == "none" else chosen
     return KVSwapOptions(predictor=predictor, budget_tokens=args.budget_tokens, group_size=args.group_size,
-                         kv_dir=args.kv_dir, storage_profile=args.storage_profile, adapter=args.adapter)
+                         kv_dir=args.kv_dir, storage_profile=args.storage_profile, adapter=args.adapter,
+                         prefix_tier=args.vllm_connector == "kvswap")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--storage-profile", default=None,
                      help="nvme, ufs, emmc, sd or a probe JSON: emulate that device's reads")
     gen.add_argument("--kv-dir", type=Path, default=None, help="disk tier folder (default: ~/.cache/kvswap/kv)")
+    gen.add_argument("--vllm-connector", choices=["kvswap", "none"], default="kvswap",
+                     help="vllm engine: kvswap = every full block saved to the disk tier and prefixes found "
+                     "there loaded instead of recomputed, across restarts (default); none = stock vLLM")
     gen.add_argument("--adapter", type=Path, default=None,
                      help="low-rank adapter path without suffix (default: the model's, from kvswap calibrate)")
     gen.add_argument("--document-tokens", type=_positive_int, default=DEFAULT_DOCUMENT_TOKENS,

@@ -9,15 +9,17 @@ from typing import Iterator
 import pytest
 
 from kvswap_vllm.demo_document import build_document, entries_for_tokens
-from kvswap_vllm.generation import GenerationConfig, Generator, chat_prompt_ids, create_generator
+from kvswap_vllm.generation import GenerationConfig, Generator, KVSwapOptions, chat_prompt_ids, create_generator
 from tests.helpers import run_kvswap
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def vllm_gen(default_model: Path) -> Iterator[Generator]:
-    with create_generator("vllm", GenerationConfig(model=default_model, max_new_tokens=20)) as gen:
+def vllm_gen(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Generator]:
+    # With the kvswap connector (the default): outputs must not change.
+    options = KVSwapOptions(predictor=None, kv_dir=tmp_path_factory.mktemp("kv"))
+    with create_generator("vllm", GenerationConfig(model=default_model, max_new_tokens=20, kvswap=options)) as gen:
         yield gen
 
 
@@ -33,6 +35,9 @@ def test_vllm_batch_of_different_lengths_in_order(vllm_gen: Generator, default_m
     prompts = [chat_prompt_ids(default_model, d.prompt()) for d in docs]
     results = vllm_gen.generate(prompts)
     assert [r.prompt_tokens for r in results] == [len(p) for p in prompts]
+    assert vllm_gen.kv_path.startswith("vllm + kvswap connector")
+    again = vllm_gen.generate(prompts[1:2])[0]  # vLLM's own prefix cache or the disk tier serves it
+    assert again.text == results[1].text and again.extra["cached_prompt_tokens"] >= len(prompts[1]) - 128
     for doc, res in zip(docs, results):
         assert doc.is_correct(res.text), (doc.answer, res.text)
         assert res.new_tokens >= 1 and res.ttft_s > 0

@@ -267,3 +267,22 @@ def test_a_corrupt_block_is_reported_for_recompute_never_served(tmp_path: Path) 
     errors = _step(reloaded, meta)
     assert errors == [{6}, set()]
     assert reloaded[0][0].take_stats().data["load_errors"] == 1
+
+
+def test_a_full_disk_stops_saving_and_serving_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A real 64 KiB tmpfs: the writes that do not fit are counted, one warning, no exception;
+    loads of what did fit still work."""
+    from tests.helpers import tmpfs
+
+    with tmpfs(tmp_path / "small", "64k") as root:
+        options = ConnectorConfig(kv_dir=str(root / "kv"), capacity_gb=None)
+        sched = _SchedulerSide(options, _identity())
+        workers = _workers(options, fill=True)
+        for i in range(8):  # each request: 3 new blocks x 2 layers x 2 ranks of 512 B, plus file overhead
+            _, meta = _schedule(sched, FakeRequest(f"r{i}", [i * 1000 + t for t in range(13)]), [1, 2, 3, 4])
+            assert _step(workers, meta) == [set(), set()]
+        for w, _ in workers:
+            w.close()
+        data = workers[0][0].take_stats().data
+        assert data["save_errors"] > 0 and data["blocks_saved"] > 0
+        assert sum("disk full" in r.getMessage().lower() for r in caplog.records) <= 2  # once per rank

@@ -22,8 +22,9 @@ class ConnectorConfig:
     # Root of the disk tier (default $KVSWAP_HOME/kv); files go under
     # <kv_dir>/kvswap-v<format>/<model fingerprint>/<tenant>.<dtype>.b<block>.tp<r>of<n>.pp<r>of<n>.
     kv_dir: str | None = None
-    # Upper bound on the disk tier of this model, GiB, per rank; None = unbounded (LRU beyond it).
-    capacity_gb: float | None = None
+    # Upper bound on the disk tier of this model and tenant, GiB, per rank: beyond it the least
+    # recently used block files are deleted. None = unbounded (the disk fills, then saving stops).
+    capacity_gb: float | None = 16.0
     # Requests of different tenants never share blocks.
     tenant: str = "default"
     # nvme / ufs / emmc / sd or a `kvswap store probe` JSON: shapes the reads.

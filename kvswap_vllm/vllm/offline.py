@@ -18,22 +18,29 @@ def _on_cpu() -> bool:
 
 
 class VllmGenerator(Generator):
-    """Stock vLLM with its own paged KV cache in memory."""
+    """vLLM's `LLM` with its paged KV cache in memory, and (by default) the kvswap connector."""
 
     kv_path = "vllm: stock vLLM, dense (the whole KV cache in vLLM's paged blocks in memory)"
 
     def __init__(self, config: GenerationConfig) -> None:
         super().__init__(config)
-        if config.kvswap is not None and config.kvswap.predictor is not None:
-            self.kv_path = (self.kv_path + "; KVSwap options ignored: KVSwap decoding inside vLLM is not "
-                            "available yet (use --engine hf)")
         if _on_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
         # vLLM logs to stdout by default; stdout carries our report (and --json).
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM
 
+        transfer = None
+        if config.kvswap is not None and config.kvswap.prefix_tier:
+            extra = {"kv_dir": str(config.kvswap.kv_dir)} if config.kvswap.kv_dir else {}
+            transfer = {"kv_connector": "kvswap", "kv_role": "kv_both", "kv_connector_extra_config": extra}
+            self.kv_path = ("vllm + kvswap connector: vLLM's paged KV cache in memory; every full block "
+                            "also in the disk tier, prefixes found there loaded instead of recomputed")
+        if config.kvswap is not None and config.kvswap.predictor is not None:
+            self.kv_path += ("; KVSwap sparse-decode options ignored: sparse decoding inside vLLM is not "
+                             "available yet (use --engine hf)")
         self._llm = LLM(
+            kv_transfer_config=transfer,
             model=str(config.model),
             dtype=config.dtype,
             max_model_len=config.max_model_len,
@@ -61,6 +68,7 @@ class VllmGenerator(Generator):
             new_tokens=len(completion.token_ids),
             ttft_s=float(m.first_token_latency) if m else 0.0,
             decode_s=float(m.last_token_ts - m.first_token_ts) if m else 0.0,
+            extra={"cached_prompt_tokens": int(output.num_cached_tokens or 0)},  # type: ignore[attr-defined]
         )
 
     def close(self) -> None:
