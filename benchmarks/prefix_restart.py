@@ -28,16 +28,18 @@ RECOVERED = "Recovered from KV load failure"
 
 
 def run_engine(model: Path, prompt: list[int], max_new_tokens: int, kv_dir: Path | None,
-               timeout_s: float = 900) -> dict:
-    """One engine start + one greedy request, in a fresh process (a real restart)."""
+               timeout_s: float = 900, engine_kwargs: dict | None = None, env: dict | None = None) -> dict:
+    """One engine start + one greedy request, in a fresh process (a real restart).
+    engine_kwargs go to vLLM's LLM (e.g. tensor_parallel_size); env to the process."""
     spec = {"model": str(model), "prompt": prompt, "max_new_tokens": max_new_tokens,
-            "kv_dir": str(kv_dir) if kv_dir else None}
+            "kv_dir": str(kv_dir) if kv_dir else None, "engine_kwargs": engine_kwargs or {}}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "benchmarks.prefix_restart", "--child", str(spec_path),
-                               str(out_path)], capture_output=True, text=True, timeout=timeout_s)
+                               str(out_path)], capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, **(env or {})})
         if proc.returncode != 0:
             raise RuntimeError(f"engine run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
         out = json.loads(out_path.read_text())
@@ -59,7 +61,8 @@ def _child(spec_path: Path, out_path: Path) -> None:
                "kv_connector_extra_config": {"kv_dir": spec["kv_dir"]}}
     t0 = time.perf_counter()
     llm = LLM(model=spec["model"], dtype="float32", max_model_len=max(4096, len(spec["prompt"]) + 256),
-              enforce_eager=True, seed=0, disable_log_stats=False, kv_transfer_config=ktc)
+              enforce_eager=True, seed=0, disable_log_stats=False, kv_transfer_config=ktc,
+              **spec["engine_kwargs"])
     start_s = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_new_tokens"])
     out = llm.generate([TokensPrompt(prompt_token_ids=spec["prompt"])], params, use_tqdm=False)[0]

