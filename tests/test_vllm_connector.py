@@ -107,6 +107,19 @@ def test_plugin_registers_once_and_adds_the_flag() -> None:
         assert cfg.kv_connector == "kvswap" and cfg.kv_role == "kv_both", argv
 
 
+def test_flag_explains_the_supported_spelling_when_vllm_breaks_it(capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from kvswap_vllm.vllm import plugin
+
+    parser = argparse.ArgumentParser()  # no --kv-transfer-config: as if vLLM renamed it
+    plugin.install_flag(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-connector", "kvswap"])
+    err = capsys.readouterr().err
+    assert "does not accept --kv-connector" in err and "--kv-transfer-config" in err
+
+
 def test_serve_argv() -> None:
     assert serve_argv([], "/m") == ["vllm", "serve", "/m", "--kv-connector", "kvswap"]
     assert serve_argv(["M", "--port", "1"], "/m") == ["vllm", "serve", "M", "--port", "1", "--kv-connector", "kvswap"]

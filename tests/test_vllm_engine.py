@@ -119,8 +119,9 @@ def test_vllm_serve_with_kv_connector_flag_answers_64_concurrent_chats(default_m
         log.close()
 
 
-def test_api_server_module_has_the_flag() -> None:
-    out = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--help=all"],
-                         capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("command", [["-m", "vllm.entrypoints.openai.api_server", "--help=all"],
+                                     ["-m", "kvswap_vllm.cli", "serve", "--help=all"]])
+def test_other_server_entry_points_have_the_flag(command: list[str]) -> None:
+    out = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--kv-connector NAME" in out.stdout

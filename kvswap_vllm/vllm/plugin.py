@@ -52,15 +52,29 @@ def add_kv_connector_flag() -> None:
 
     def add_cli_args(parser, *args, **kwargs):  # noqa: ANN001, ANN202 (vLLM's signature)
         parser = original(parser, *args, **kwargs)
-        try:
-            _add_flag(parser)
-        except Exception as exc:  # an argparse change in a later vLLM: say what still works
-            log.warning("kvswap: could not add --kv-connector to vLLM's arguments (%s); use %s",
-                        exc, SUPPORTED_SPELLING)
+        install_flag(parser)
         return parser
 
     add_cli_args._kvswap_flag = True  # type: ignore[attr-defined]
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
+
+
+def install_flag(parser: argparse.ArgumentParser) -> None:
+    """Add --kv-connector; if this vLLM's parser does not allow it, the flag still exists but
+    fails with a message naming the spelling that works."""
+    try:
+        _add_flag(parser)
+    except Exception as exc:  # an argparse or config change in a later vLLM
+        log.warning("kvswap: could not add --kv-connector to vLLM's arguments (%s); use %s", exc, SUPPORTED_SPELLING)
+        if not any("--kv-connector" in a.option_strings for a in parser._actions):
+            parser.add_argument("--kv-connector", type=_unsupported(exc), help=argparse.SUPPRESS)
+
+
+def _unsupported(exc: Exception):  # noqa: ANN202
+    def fail(_: str) -> None:
+        raise argparse.ArgumentTypeError(
+            f"this vLLM release does not accept --kv-connector ({exc}); use {SUPPORTED_SPELLING}")
+    return fail
 
 
 def _add_flag(parser: argparse.ArgumentParser) -> None:
