@@ -406,9 +406,14 @@ def test_entrypoint_needs_kvswap_home(fake_kvswap: tuple[Path, Path]) -> None:
     assert res.returncode == 2 and "KVSWAP_HOME" in res.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write any folder")
 def test_entrypoint_unwritable_home(fake_kvswap: tuple[Path, Path], tmp_path: Path) -> None:
+    from contextlib import nullcontext
+
+    from tests.helpers import tmpfs
+
     home = tmp_path / "ro"
     home.mkdir(mode=0o500)
-    res = run_entrypoint(fake_kvswap[0], "echo", "served", KVSWAP_HOME=str(home))
+    # root writes any folder: give it a real read-only file system instead
+    with tmpfs(home, "1m", readonly=True) if os.geteuid() == 0 else nullcontext(home):
+        res = run_entrypoint(fake_kvswap[0], "echo", "served", KVSWAP_HOME=str(home))
     assert res.returncode == 2 and "not writable" in res.stderr and "served" not in res.stdout
