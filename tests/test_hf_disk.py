@@ -48,8 +48,8 @@ def test_matches_in_memory_reference_bit_for_bit(tmp_path: Path, predictor: str,
         seq = rt.new_sequence()
         got = disk_logits(model, seq, PROMPT, 12, chunk=4096)
         assert all(torch.equal(a, b) for a, b in zip(expected, got))
-        assert store.num_groups(seq.name, 0) == (61 + 12) // 4  # every full group went to disk
-        assert seq.prefetch.stats.ahead > 0 and seq.prefetch.stats.synchronous > 0
+        assert store.num_groups(seq.core.name, 0) == (61 + 12) // 4  # every full group went to disk
+        assert seq.core.prefetch.stats.ahead > 0 and seq.core.prefetch.stats.synchronous > 0
         seq.close()
         assert store.sequences() == []  # private KV deleted when the sequence ends
 

@@ -97,6 +97,15 @@ class LowRankAdapter:
                    joint, per_head, meta)
 
 
+def adapter_for(predictor: str, model_fingerprint: str, head_dim: int, path: Path | None = None) -> "LowRankAdapter | None":
+    """The adapter `predictor` needs (the model's default one unless `path`), or None."""
+    from kvswap_vllm.predict.base import predictor_class
+
+    if not predictor_class(predictor).needs_adapter:
+        return None
+    return LowRankAdapter.load(path or default_adapter_path(model_fingerprint, head_dim), model_fingerprint)
+
+
 def default_adapter_path(model_fingerprint: str, rank: int) -> Path:
     from kvswap_vllm.paths import kvswap_home
 

@@ -37,8 +37,8 @@ class HFGenerator(Generator):
     def _kvswap_runtime(self, opts: KVSwapOptions):
         from kvswap_vllm.models.fingerprint import model_fingerprint
         from kvswap_vllm.paths import kv_dir
-        from kvswap_vllm.predict.adapter import LowRankAdapter, default_adapter_path
-        from kvswap_vllm.predict.base import SelectionConfig, predictor_class
+        from kvswap_vllm.predict.adapter import adapter_for
+        from kvswap_vllm.predict.base import SelectionConfig
         from kvswap_vllm.runtime.hf_disk import DiskRuntimeConfig, KVSwapDisk
         from kvswap_vllm.runtime.hf_kvswap import model_shape
         from kvswap_vllm.store import DiskStore, StoreConfig
@@ -46,9 +46,7 @@ class HFGenerator(Generator):
 
         shape = model_shape(self._model.config)
         fp = model_fingerprint(self.config.model)
-        adapter = None
-        if predictor_class(opts.predictor).needs_adapter:
-            adapter = LowRankAdapter.load(opts.adapter or default_adapter_path(fp, shape.head_dim), fp)
+        adapter = adapter_for(opts.predictor, fp, shape.head_dim, opts.adapter)
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self._model.dtype]
         profile = get_profile(opts.storage_profile) if opts.storage_profile else None
         store = DiskStore(StoreConfig(root=opts.kv_dir or kv_dir(), model_fingerprint=fp, num_layers=shape.num_layers,

@@ -62,6 +62,9 @@ class KVSwapMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     blocks_queried: int = 0
     blocks_hit: int = 0
+    # First block ids of requests finished or preempted since the last step (sparse decoding
+    # keys its sequences by them).
+    released: list[int] = field(default_factory=list)
 
 
 class KVSwapConnector(KVConnectorBase_V1):
@@ -78,7 +81,20 @@ class KVSwapConnector(KVConnectorBase_V1):
         # The disk tier is a cache: a block that cannot be read is recomputed, never fatal.
         self._kv_transfer_config.kv_load_failure_policy = "recompute"
         self._scheduler = _SchedulerSide(options, identity) if role == KVConnectorRole.SCHEDULER else None
-        self._worker = _WorkerSide(options, identity) if role == KVConnectorRole.WORKER else None
+        self._worker = _WorkerSide(options, identity, vllm_config) if role == KVConnectorRole.WORKER else None
+
+    @property
+    def sparse_runtime(self):  # noqa: ANN201 (SparseRuntime, imported lazily)
+        """The worker's KVSwap decoding runtime; None when it is off."""
+        return self._worker.sparse if self._worker is not None else None
+
+    def get_mem_pool_context(self):  # noqa: ANN201
+        """With KVSwap decoding vLLM's paged buffer is never written: map it lazily."""
+        if self._worker is None or not self._worker.options.sparse:
+            return None
+        from kvswap_vllm.vllm.lazy_pool import lazy_kv_buffer
+
+        return lazy_kv_buffer(self._worker.options.root)
 
     # ----- scheduler side -----------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -168,6 +184,7 @@ class _SchedulerSide:
         self._reqs: dict[str, _Request] = {}
         self._queried = 0
         self._hit = 0
+        self._released: list[int] = []
         log.info("kvswap connector: disk tier %s, %d blocks stored", options.root, len(self.stored))
 
     def _state(self, request: "Request") -> _Request:
@@ -188,8 +205,8 @@ class _SchedulerSide:
     def matched_tokens(self, request: "Request", num_computed_tokens: int) -> int:
         st = self._state(request)
         st.lookup = (0, 0, 0)
-        if not self._cacheable(request):
-            return 0
+        if self.options.sparse or not self._cacheable(request):
+            return 0  # sparse decoding keeps its own KV: vLLM's blocks are never filled by loads
         limit = (request.num_tokens - 1) // self.block_size  # vLLM must compute at least one token
         first = num_computed_tokens // self.block_size
         if first >= limit:
@@ -211,8 +228,14 @@ class _SchedulerSide:
             self._hit += n
 
     def build_meta(self, so: "SchedulerOutput") -> KVSwapMetadata:
-        meta = KVSwapMetadata(blocks_queried=self._queried, blocks_hit=self._hit)
+        meta = KVSwapMetadata(blocks_queried=self._queried, blocks_hit=self._hit, released=self._released)
         self._queried = self._hit = 0
+        self._released = []
+        for req_id in so.preempted_req_ids or ():
+            st = self._reqs.get(req_id)
+            if st is not None and st.block_ids:
+                meta.released.append(st.block_ids[0])
+                st.block_ids = []
         for new in so.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is not None:
@@ -236,7 +259,7 @@ class _SchedulerSide:
             first, n = st.load
             meta.loads += [(st.block_ids[first + i], st.hashes[first + i]) for i in range(n)]
             st.load = None
-        if not self._cacheable(st.request):
+        if self.options.sparse or not self._cacheable(st.request):
             return
         full = min(end_tokens, len(st.request.all_token_ids), len(st.block_ids) * self.block_size) // self.block_size
         if not self.options.save_decode:
@@ -258,15 +281,19 @@ class _SchedulerSide:
         st.handled = full
 
     def finished(self, req_id: str) -> None:
-        self._reqs.pop(req_id, None)
+        st = self._reqs.pop(req_id, None)
+        if st is not None and st.block_ids:
+            self._released.append(st.block_ids[0])
 
 
 class _WorkerSide:
     """Copies blocks between vLLM's paged KV cache and this rank's disk tier."""
 
-    def __init__(self, options: ConnectorConfig, identity: EngineIdentity) -> None:
+    def __init__(self, options: ConnectorConfig, identity: EngineIdentity, vllm_config: "VllmConfig | None" = None) -> None:
         self.options = options
         self.identity = identity
+        self.vllm_config = vllm_config
+        self.sparse = None  # SparseRuntime when KVSwap decoding is on
         self.store: DiskStore | None = None
         self._layers: dict[str, int] = {}
         self._kv: dict[str, torch.Tensor] = {}
@@ -301,6 +328,10 @@ class _WorkerSide:
         self._layout = KVLayout.detect(first, self.identity.block_size, self.identity.num_kv_heads,
                                        self.identity.head_dim, _cuda_layout())
         self.store = DiskStore(self.identity.store_config(self.options, tp_rank, pp_rank))
+        if self.options.sparse:
+            from kvswap_vllm.vllm.sparse_attention import build_sparse_runtime
+
+            self.sparse = build_sparse_runtime(self.options, self.identity, self.vllm_config)
         log.info("kvswap connector: rank tp%d/pp%d stores %d layers in %s", tp_rank, pp_rank,
                  len(kv_caches), self.store.config.namespace)
 
@@ -423,6 +454,8 @@ class _WorkerSide:
         return None if stats.is_empty() else stats
 
     def close(self) -> None:
+        if self.sparse is not None:
+            self.sparse.close()
         self._saver.shutdown(wait=True)  # queued saves reach the disk before exit
         self._loader.shutdown(wait=True)
         if self.store is not None:

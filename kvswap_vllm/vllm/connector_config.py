@@ -33,11 +33,13 @@ class ConnectorConfig:
     direct_io: str = "auto"
     # Save blocks filled by decoding too (not only prompt blocks).
     save_decode: bool = True
-    # KVSwap decoding inside vLLM (sparse attention over predicted blocks): budget in tokens,
-    # tokens per group, and the predictor. Validated here; see README for what vLLM uses today.
+    # KVSwap decoding inside vLLM: None = off (vLLM attends densely to its own paged cache, and
+    # the disk tier serves prefixes); a predictor name = each decode step attends to the
+    # `budget_tokens` tokens of groups of `group_size` tokens that the predictor selects, plus
+    # the tail, with the KV in the disk tier and vLLM's blocks only logical.
+    predictor: str | None = None
     budget_tokens: int = 400
     group_size: int = 4
-    predictor: str = "kvswap"
 
     def __post_init__(self) -> None:
         if self.capacity_gb is not None and (not _is_number(self.capacity_gb) or self.capacity_gb <= 0):
@@ -46,7 +48,9 @@ class ConnectorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise KVSwapError(f"kvswap connector: {name} must be a positive integer, got {value!r}")
-        if self.predictor not in PREDICTORS:
+        if self.predictor == "none":
+            object.__setattr__(self, "predictor", None)
+        if self.predictor is not None and self.predictor not in PREDICTORS:
             raise KVSwapError(f"kvswap connector: unknown predictor {self.predictor!r}; "
                               f"supported: {', '.join(sorted(PREDICTORS))}")
         if self.direct_io not in ("auto", "on", "off"):
@@ -67,6 +71,11 @@ class ConnectorConfig:
             raise KVSwapError(f"kvswap connector: unknown option(s) {', '.join(unknown)} in "
                               f"kv_connector_extra_config; valid: {', '.join(sorted(known))}")
         return cls(**extra)
+
+    @property
+    def sparse(self) -> bool:
+        """KVSwap decoding inside vLLM is on."""
+        return self.predictor is not None
 
     @property
     def root(self) -> Path:

@@ -25,6 +25,21 @@ SUPPORTED_SPELLING = ("--kv-transfer-config '{\"kv_connector\":\"kvswap\",\"kv_r
 def register() -> None:
     register_connector()
     add_kv_connector_flag()
+    register_cpu_attention()
+
+
+def register_cpu_attention() -> None:
+    """On the CPU platform, CPU_ATTN becomes our subclass: plain vLLM unless the kvswap
+    connector runs KVSwap decoding (see sparse_attention.py)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    path = "kvswap_vllm.vllm.sparse_attention.KVSwapCPUAttentionBackend"
+    if AttentionBackendEnum.CPU_ATTN.get_path() != path:
+        register_backend(AttentionBackendEnum.CPU_ATTN, path)
 
 
 def register_connector() -> None:
