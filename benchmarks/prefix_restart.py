@@ -28,11 +28,14 @@ RECOVERED = "Recovered from KV load failure"
 
 
 def run_engine(model: Path, prompt: list[int], max_new_tokens: int, kv_dir: Path | None,
-               timeout_s: float = 900, engine_kwargs: dict | None = None, env: dict | None = None) -> dict:
-    """One engine start + one greedy request, in a fresh process (a real restart).
-    engine_kwargs go to vLLM's LLM (e.g. tensor_parallel_size); env to the process."""
-    spec = {"model": str(model), "prompt": prompt, "max_new_tokens": max_new_tokens,
-            "kv_dir": str(kv_dir) if kv_dir else None, "engine_kwargs": engine_kwargs or {}}
+               timeout_s: float = 900, engine_kwargs: dict | None = None, env: dict | None = None,
+               connector_options: dict | None = None, prompts: list[list[int]] | None = None) -> dict:
+    """One engine start + greedy requests, in a fresh process (a real restart). engine_kwargs
+    go to vLLM's LLM (e.g. tensor_parallel_size); env to the process; connector_options to
+    kv_connector_extra_config. `prompts` (a batch) replaces `prompt` when given."""
+    spec = {"model": str(model), "prompts": prompts or [prompt], "max_new_tokens": max_new_tokens,
+            "kv_dir": str(kv_dir) if kv_dir else None, "engine_kwargs": engine_kwargs or {},
+            "connector_options": connector_options or {}}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
@@ -58,24 +61,31 @@ def _child(spec_path: Path, out_path: Path) -> None:
     ktc = None
     if spec["kv_dir"]:
         ktc = {"kv_connector": "kvswap", "kv_role": "kv_both",
-               "kv_connector_extra_config": {"kv_dir": spec["kv_dir"]}}
+               "kv_connector_extra_config": {"kv_dir": spec["kv_dir"], **spec["connector_options"]}}
+    longest = max(len(p) for p in spec["prompts"])
     t0 = time.perf_counter()
-    llm = LLM(model=spec["model"], dtype="float32", max_model_len=max(4096, len(spec["prompt"]) + 256),
+    llm = LLM(model=spec["model"], dtype="float32", max_model_len=max(4096, longest + 256),
               enforce_eager=True, seed=0, disable_log_stats=False, kv_transfer_config=ktc,
               **spec["engine_kwargs"])
     start_s = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_new_tokens"])
-    out = llm.generate([TokensPrompt(prompt_token_ids=spec["prompt"])], params, use_tqdm=False)[0]
+    t1 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
+    generate_s = time.perf_counter() - t1
     llm.llm_engine.engine_core.shutdown()
+    out = outs[0]
     cached = int(out.num_cached_tokens or 0)
     out_path.write_text(json.dumps({
         "engine_start_s": round(start_s, 2),
+        "generate_s": round(generate_s, 3),
         "ttft_s": round(float(out.metrics.first_token_latency), 4),
-        "prompt_tokens": len(spec["prompt"]),
+        "prompt_tokens": len(spec["prompts"][0]),
         "cached_tokens": cached,
-        "prefill_tokens": len(spec["prompt"]) - cached,
+        "prefill_tokens": len(spec["prompts"][0]) - cached,
         "token_ids": list(out.outputs[0].token_ids),
         "text": out.outputs[0].text,
+        "batch": [{"token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text,
+                   "decode_s": float(o.metrics.last_token_ts - o.metrics.first_token_ts)} for o in outs],
     }))
 
 
