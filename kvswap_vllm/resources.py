@@ -24,6 +24,18 @@ class ResourceUsage:
     num_processes: int
 
 
+def tree_rss_bytes(root: psutil.Process | None = None) -> int:
+    """RSS of a process and all its descendants, now."""
+    root = root or psutil.Process()
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
 class ResourceMeter:
     """Context manager that samples the process tree every `interval_s` seconds."""
 

@@ -66,8 +66,9 @@ def test_finds_the_group_the_query_points_at(predictor) -> None:
 
 def test_metadata_size(predictor) -> None:
     predictor.append_groups(0, keys(10))
-    per_token = {"kvswap": 16, "kvswap-paper": 16, "quest": 2 * 2 * 16 / 4, "window": 0, "dense": 0}
-    assert predictor.metadata_bytes() == pytest.approx(10 * 4 * per_token[predictor.name] * 4)
+    # bytes per token: low-rank keys, rank 16, float16; Quest's min/max keys, float32, per token of a group of 4
+    per_token = {"kvswap": 16 * 2, "kvswap-paper": 16 * 2, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0}
+    assert predictor.metadata_bytes() == pytest.approx(10 * 4 * per_token[predictor.name])
 
 
 def test_registry_errors() -> None:

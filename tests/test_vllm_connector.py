@@ -27,7 +27,8 @@ FP = "ab" * 16
 def test_options_defaults_and_validation(tmp_path: Path) -> None:
     cfg = ConnectorConfig.from_extra_config({"kv_dir": str(tmp_path), "capacity_gb": 1.5})
     assert cfg.root == tmp_path and cfg.capacity_bytes == int(1.5 * (1 << 30))
-    assert ConnectorConfig.from_extra_config(None).predictor == "kvswap"
+    assert ConnectorConfig.from_extra_config(None).predictor is None  # prefix tier only, dense attention
+    assert not ConnectorConfig(predictor="none").sparse and ConnectorConfig(predictor="quest").sparse
 
 
 @pytest.mark.parametrize("extra, message", [

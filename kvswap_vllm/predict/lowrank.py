@@ -1,5 +1,6 @@
 """Low-rank key predictors (KVSwap). Both keep the same metadata: per token per layer, the
-keys of all KV heads concatenated and projected on the joint basis A (H*d, r): `rank` numbers.
+keys of all KV heads concatenated and projected on the joint basis A (H*d, r): `rank` numbers,
+stored in float16.
 
 - JointLowRank ("kvswap-paper", as published): the query is averaged within each GQA group,
   each KV head's part projected through its (d, r) slice of A and the parts summed: one
@@ -28,9 +29,11 @@ class _LowRank(Predictor):
         self._lr: list[list[torch.Tensor]] = [[] for _ in range(self.shape.num_layers)]
 
     def _keys(self, layer: int) -> torch.Tensor:
+        """(tokens, r) low-rank keys in float32 (kept in float16: half the memory, and scores
+        only rank groups, which half precision does not change in practice)."""
         lr = torch.cat(self._lr[layer])
         self._lr[layer] = [lr]
-        return lr
+        return lr.float()
 
     def metadata_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self._lr for t in ts)
@@ -44,7 +47,7 @@ class JointLowRank(_LowRank):
 
     def _append(self, layer: int, keys: torch.Tensor) -> None:
         flat = keys.reshape(-1, self.shape.num_kv_heads * self.shape.head_dim).float()
-        self._lr[layer].append(flat @ self.adapter.joint[layer])  # (tokens, r)
+        self._lr[layer].append((flat @ self.adapter.joint[layer]).half())  # (tokens, r)
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         s = self.shape

@@ -137,6 +137,9 @@ class KVSwapSequence:
         self.disk_groups[layer] += n
         self._k[layer], self._v[layer] = self._k[layer][:, tokens:], self._v[layer][:, tokens:]
 
+    def tail_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._k, *self._v) if t is not None)
+
     def stats(self) -> dict:
         return {"reuse_rate": self.hot.stats.reuse_rate, "bytes_read": self.hot.stats.bytes_read,
                 "hot_tier_bytes": self.hot.nbytes, "metadata_bytes": self.predictor.metadata_bytes(),

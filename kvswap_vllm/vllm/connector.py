@@ -80,6 +80,11 @@ class KVSwapConnector(KVConnectorBase_V1):
                               "sliding-window attention) are not supported")
         # The disk tier is a cache: a block that cannot be read is recomputed, never fatal.
         self._kv_transfer_config.kv_load_failure_policy = "recompute"
+        if options.sparse and role == KVConnectorRole.SCHEDULER and vllm_config.cache_config.enable_prefix_caching:
+            # vLLM's own prefix cache would start a request with context that only vLLM's
+            # (never written) paged blocks hold; the scheduler reads this flag after we return.
+            log.info("kvswap connector: KVSwap decoding keeps the KV itself; vLLM's prefix caching is off")
+            vllm_config.cache_config.enable_prefix_caching = False
         self._scheduler = _SchedulerSide(options, identity) if role == KVConnectorRole.SCHEDULER else None
         self._worker = _WorkerSide(options, identity, vllm_config) if role == KVConnectorRole.WORKER else None
 

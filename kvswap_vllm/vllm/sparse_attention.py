@@ -14,7 +14,10 @@ tokens and is released when the scheduler finishes or preempts it.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +32,8 @@ from kvswap_vllm.store import DiskStore, StoreConfig
 from kvswap_vllm.store.profiles import get_profile
 
 log = logging.getLogger("vllm.kvswap")
+# Where the worker writes its memory peaks when it shuts down (benchmarks set it).
+STATS_ENV = "KVSWAP_STATS_FILE"
 # Query rows per dense prefill attention call: bounds the score matrix (rows x context x heads).
 PREFILL_QUERY_BLOCK = 256
 
@@ -40,6 +45,8 @@ class SparseRuntime:
         self.store, self.shape, self.config, self.adapter = store, shape, config, adapter
         self._seqs: dict[int, KVSwapSequence] = {}
         self.steps = 0
+        # Peak over steps of what the live sequences hold in memory (hot tier, metadata, tails).
+        self.peak = {"kv_memory_bytes": 0, "hot_tier_bytes": 0, "metadata_bytes": 0, "tail_bytes": 0, "sequences": 0}
 
     def release(self, keys: list[int]) -> None:
         for key in keys:
@@ -65,6 +72,7 @@ class SparseRuntime:
         if layer == 0:
             self.steps += 1
             self.release(released)
+            self._track_memory()
         starts = meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens.tolist()
         first_blocks = meta.block_table[:, 0].tolist()
@@ -85,7 +93,19 @@ class SparseRuntime:
             out[s:e] = o.transpose(0, 1)
         return output
 
+    def _track_memory(self) -> None:
+        now = {"hot_tier_bytes": sum(s.hot.nbytes for s in self._seqs.values()),
+               "metadata_bytes": sum(s.predictor.metadata_bytes() for s in self._seqs.values()),
+               "tail_bytes": sum(s.tail_bytes() for s in self._seqs.values()), "sequences": len(self._seqs)}
+        now["kv_memory_bytes"] = now["hot_tier_bytes"] + now["metadata_bytes"] + now["tail_bytes"]
+        for k, v in now.items():
+            self.peak[k] = max(self.peak[k], v)
+
     def close(self) -> None:
+        self._track_memory()
+        path = os.environ.get(STATS_ENV)
+        if path:  # benchmarks read what the worker process held
+            Path(path).write_text(json.dumps({"peak": self.peak, "steps": self.steps, "store": self.store.stats.as_dict()}))
         self.release(list(self._seqs))
         self.store.close()
 

@@ -1,0 +1,170 @@
+"""Decode throughput and memory: KVSwap inside vLLM against stock vLLM with the full KV in memory.
+
+    python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\
+        [--context 7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400]
+
+Each row is one fresh engine process running a batch of `batch` built-in documents of ~context
+tokens (each with its own pass key) to `max-new-tokens` greedy tokens, stepping the engine by
+hand: step_s is the median time of the steps in which every request of the batch decodes one
+token (prefill steps excluded), tokens_per_s = batch / step_s; ttft_s is the last request's
+time to first token; peak_rss_mb is
+the engine's whole process tree; rss_growth_mb what the batch
+added to the loaded, idle engine; kv_memory_mb is what holds KV in memory: for `vllm-full` the
+KV of the batch's tokens in vLLM's paged pool (sized to fit them), for `kvswap` the hot tier +
+low-rank metadata + tails at their peak (vLLM's pool of the same logical size is mapped lazily
+and never written). The model's weights (MB on disk) are reported beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvswap_vllm.demo_document import build_document, entries_for_tokens
+from kvswap_vllm.generation import chat_prompt_ids
+from kvswap_vllm.models.prepare import default_model_path
+
+
+def _bytes_per_token(model: Path) -> int:
+    cfg = json.loads((model / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * 4  # K+V, fp32
+
+
+def _child(spec_path: Path, out_path: Path) -> None:
+    spec = json.loads(spec_path.read_text())
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec["pool_gib"])
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvswap_vllm.resources import ResourceMeter, tree_rss_bytes
+
+    ktc = None
+    if spec["system"] == "kvswap":
+        ktc = {"kv_connector": "kvswap", "kv_role": "kv_both",
+               "kv_connector_extra_config": {"kv_dir": spec["kv_dir"], "predictor": "kvswap",
+                                             "budget_tokens": spec["budget_tokens"]}}
+    with ResourceMeter() as meter:
+        llm = LLM(model=spec["model"], dtype="float32", max_model_len=spec["max_model_len"], enforce_eager=True,
+                  seed=0, disable_log_stats=False, kv_transfer_config=ktc, max_num_seqs=max(8, spec["batch"]))
+        params = SamplingParams(temperature=0.0, max_tokens=spec["max_new_tokens"], ignore_eos=True)
+        idle_rss = tree_rss_bytes()  # the engine loaded, no request yet
+        engine = llm.llm_engine
+        for i, prompt in enumerate(spec["prompts"]):
+            engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
+        # Drive the engine step by step: a step in which every request already had its first
+        # token and gains one more is a pure decode step of the whole batch.
+        counts = [0] * len(spec["prompts"])
+        texts = [""] * len(spec["prompts"])
+        first_token_s = [0.0] * len(spec["prompts"])
+        decode_steps: list[float] = []
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            before = list(counts)
+            t = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t
+            for o in outs:
+                i = int(o.request_id)
+                counts[i], texts[i] = len(o.outputs[0].token_ids), o.outputs[0].text
+                if before[i] == 0 and counts[i] > 0:
+                    first_token_s[i] = time.perf_counter() - t0
+            if all(b > 0 for b in before) and all(c == b + 1 for c, b in zip(counts, before)):
+                decode_steps.append(dt)
+        wall = time.perf_counter() - t0
+        llm.llm_engine.engine_core.shutdown()
+    step_s = statistics.median(decode_steps) if decode_steps else float("nan")
+    out_path.write_text(json.dumps({
+        "texts": texts, "step_s": step_s, "tokens_per_s": len(counts) / step_s, "decode_steps": len(decode_steps),
+        "ttft_s": max(first_token_s), "wall_s": wall,
+        "peak_rss_mb": meter.usage.peak_rss_bytes / 2**20, "idle_rss_mb": idle_rss / 2**20,
+        "disk_read_mb": meter.usage.disk_read_bytes / 2**20,
+    }))
+
+
+def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: int, budget_tokens: int,
+            kv_dir: Path) -> dict:
+    docs = [build_document(num_entries=entries_for_tokens(context), depth=(i + 0.5) / batch, seed=100 + i)
+            for i in range(batch)]
+    prompts = [chat_prompt_ids(model, d.prompt()) for d in docs]
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    need = batch * (longest + 128) * _bytes_per_token(model)
+    spec = {"model": str(model), "system": system, "prompts": prompts, "batch": batch, "kv_dir": str(kv_dir),
+            "max_new_tokens": max_new_tokens, "budget_tokens": budget_tokens,
+            "max_model_len": longest + 128, "pool_gib": max(1, math.ceil(need * 1.1 / 2**30))}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path, stats_path = (Path(tmp) / n for n in ("spec.json", "out.json", "stats.json"))
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, "KVSWAP_STATS_FILE": str(stats_path)}
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--child", str(spec_path), str(out_path)],
+                              capture_output=True, text=True, env=env, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{system} batch {batch} failed:\n{proc.stderr[-4000:]}")
+        out = json.loads(out_path.read_text())
+        stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+    if system == "kvswap":
+        if stats is None:
+            raise RuntimeError("the kvswap worker wrote no memory statistics")
+        kv_memory = stats["peak"]["kv_memory_bytes"]
+    else:
+        kv_memory = sum(len(p) + max_new_tokens for p in prompts) * _bytes_per_token(model)
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    return {
+        "system": system, "engine": "vllm", "context": round(sum(map(len, prompts)) / batch), "batch": batch,
+        "profile": None, "tokens_per_s": round(out["tokens_per_s"], 2), "step_s": round(out["step_s"], 4),
+        "decode_steps_measured": out["decode_steps"], "ttft_s": round(out["ttft_s"], 2), "wall_s": round(out["wall_s"], 1),
+        "peak_rss_mb": round(out["peak_rss_mb"], 1), "kv_memory_mb": round(kv_memory / 2**20, 1),
+        # What serving the batch added to the loaded engine's resident memory.
+        "rss_growth_mb": round(out["peak_rss_mb"] - out["idle_rss_mb"], 1),
+        "weights_mb": round(weights / 2**20, 1), "vllm_pool_gib": spec["pool_gib"],
+        "passkeys_correct": sum(d.is_correct(t) for d, t in zip(docs, out["texts"])),
+        "memory_detail_mb": {k: round(v / 2**20, 2) for k, v in stats["peak"].items() if k.endswith("bytes")}
+        if stats else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", choices=["vllm"], default="vllm")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--context", type=int, default=7000)
+    p.add_argument("--batch", default="1,4,8")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--budget-tokens", type=int, default=400)
+    p.add_argument("--systems", default="vllm-full,kvswap")
+    p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(*args.child)
+        return 0
+    model = args.model or default_model_path()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kvswap-throughput-") as kv:
+        for batch in (int(b) for b in args.batch.split(",")):
+            for system in args.systems.split(","):
+                print(f"[throughput] {system} batch {batch} context ~{args.context} ...", file=sys.stderr, flush=True)
+                row = run_row(model, system, args.context, batch, args.max_new_tokens, args.budget_tokens, Path(kv))
+                print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
+                rows.append(row)
+    result = {"benchmark": "throughput", "engine": args.engine, "model": str(model),
+              "budget_tokens": args.budget_tokens, "max_new_tokens": args.max_new_tokens, "rows": rows}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
