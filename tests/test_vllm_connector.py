@@ -172,7 +172,7 @@ class FakeRequest:
 def _scheduled(req: FakeRequest, block_ids: list[int], computed: int) -> SimpleNamespace:
     new = SimpleNamespace(req_id=req.request_id, block_ids=(block_ids,), num_computed_tokens=computed)
     cached = SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[])
-    return SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=cached,
+    return SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=cached, preempted_req_ids=None,
                            num_scheduled_tokens={req.request_id: req.num_tokens - computed})
 
 
