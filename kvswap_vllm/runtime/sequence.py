@@ -116,8 +116,10 @@ class KVSwapSequence:
 
     # ----- tail -> disk ---------------------------------------------------------------------
     def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._k[layer] = k if self._k[layer] is None else torch.cat([self._k[layer], k], dim=1)
-        self._v[layer] = v if self._v[layer] is None else torch.cat([self._v[layer], v], dim=1)
+        # Always a new tensor: `k` may be a view into the engine's activations for the whole
+        # batch, which must not stay alive as this sequence's tail.
+        self._k[layer] = k.clone() if self._k[layer] is None else torch.cat([self._k[layer], k], dim=1)
+        self._v[layer] = v.clone() if self._v[layer] is None else torch.cat([self._v[layer], v], dim=1)
 
     def _flush(self, layer: int, tokens: int) -> None:
         """Write the first `tokens` tail tokens (whole groups) to disk, their keys to the metadata."""
@@ -135,7 +137,9 @@ class KVSwapSequence:
             raise RuntimeError("the disk tier refused a write (capacity or disk full)")
         self.predictor.append_groups(layer, k.transpose(0, 1).reshape(n, g, h, d))
         self.disk_groups[layer] += n
-        self._k[layer], self._v[layer] = self._k[layer][:, tokens:], self._v[layer][:, tokens:]
+        # Copies, not views: a view would keep the whole flushed chunk's storage alive.
+        self._k[layer] = self._k[layer][:, tokens:].clone()
+        self._v[layer] = self._v[layer][:, tokens:].clone()
 
     def tail_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._k, *self._v) if t is not None)
