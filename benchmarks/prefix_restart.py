@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import write_json
 from kvswap_vllm.demo_document import build_document, entries_for_tokens
 from kvswap_vllm.generation import chat_prompt_ids
 from kvswap_vllm.models.prepare import default_model_path
@@ -153,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or default_model_path()
     with tempfile.TemporaryDirectory(prefix="kvswap-prefix-") as tmp:
         result = measure(model, args.prompt_tokens, args.max_new_tokens, args.kv_dir or Path(tmp), args.corrupt)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    print(write_json(result, args.out))
     return 0
 
 

@@ -20,14 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import write_json
 from kvswap_vllm.demo_document import build_document, entries_for_tokens
 from kvswap_vllm.generation import chat_prompt_ids
 from kvswap_vllm.models.prepare import default_model_path
@@ -158,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
     result = {"benchmark": "throughput", "engine": args.engine, "model": str(model),
               "budget_tokens": args.budget_tokens, "max_new_tokens": args.max_new_tokens, "rows": rows}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    print(write_json(result, args.out))
     return 0
 
 

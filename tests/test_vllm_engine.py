@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.prefix_restart import measure, run_engine
-from tests.helpers import write_tiny_llama
+from tests.helpers import free_port, running_server, write_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +50,6 @@ def test_tensor_parallel_2_each_rank_stores_and_loads_its_shard(default_model: P
     assert cold["cached_tokens"] == 0 and warm["cached_tokens"] == 640  # 5 full blocks of 128
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 5) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()
@@ -76,25 +68,10 @@ def _chat(base: str, model: str, i: int) -> str:
 
 def test_vllm_serve_with_kv_connector_flag_answers_64_concurrent_chats(default_model: Path, tmp_path: Path) -> None:
     vllm = Path(sys.executable).with_name("vllm")  # the console script itself, CPU build included
-    port = _free_port()
     env = dict(os.environ, KVSWAP_HOME=str(tmp_path / "home"), VLLM_CPU_KVCACHE_SPACE="1")
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [str(vllm), "serve", str(default_model), "--kv-connector", "kvswap", "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"server exited with {server.returncode}:\n{(tmp_path / 'server.log').read_text()[-4000:]}")
-            try:
-                _get(f"{base}/health")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not become healthy in 600 s"
-                time.sleep(2)
+    argv = [str(vllm), "serve", str(default_model), "--kv-connector", "kvswap", "--host", "127.0.0.1",
+            "--port", str(free_port()), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
+    with running_server(argv, env, tmp_path / "server.log") as (base, _):
         with ThreadPoolExecutor(64) as pool:
             answers = list(pool.map(lambda i: _chat(base, str(default_model), i), range(64)))
         assert len(answers) == 64 and all(a.strip() for a in answers)
@@ -110,13 +87,6 @@ def test_vllm_serve_with_kv_connector_flag_answers_64_concurrent_chats(default_m
             assert time.monotonic() < deadline, "vllm:kvswap_blocks_saved_total never rose above 0"
             time.sleep(2)
         assert re.search(r"^vllm:kvswap_blocks_queried_total\{", metrics, re.M)
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.mark.parametrize("command", [["-m", "vllm.entrypoints.openai.api_server", "--help=all"],

@@ -110,11 +110,8 @@ def test_serve_with_kvswap_decoding_answers_concurrent_long_chats(default_model:
     the hot tier holds; every pass key is found, and the server's memory growth is reported."""
     import json as _json
     import os
-    import signal
-    import subprocess
     import sys
     import threading
-    import time
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
@@ -122,38 +119,25 @@ def test_serve_with_kvswap_decoding_answers_concurrent_long_chats(default_model:
 
     from kvswap_vllm.demo_document import build_document, entries_for_tokens
     from kvswap_vllm.resources import tree_rss_bytes
-    from tests.test_vllm_engine import _free_port, _get
+    from tests.helpers import free_port, running_server
 
-    port = _free_port()
     cfg = {"kv_connector": "kvswap", "kv_role": "kv_both",
            "kv_connector_extra_config": {"predictor": "kvswap", "budget_tokens": 400, "kv_dir": str(tmp_path / "kv")}}
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2")
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "kvswap_vllm.cli", "serve", str(default_model), "--kv-transfer-config", _json.dumps(cfg),
-         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
-         "--enforce-eager"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "kvswap_vllm.cli", "serve", str(default_model), "--kv-transfer-config",
+            _json.dumps(cfg), "--host", "127.0.0.1", "--port", str(free_port()), "--dtype", "float32",
+            "--max-model-len", "4096", "--enforce-eager"]
     docs = [build_document(num_entries=entries_for_tokens(2500), depth=(i + 0.5) / 8, seed=300 + i) for i in range(8)]
 
-    def ask(doc) -> str:
+    def ask(base: str, doc) -> str:
         body = _json.dumps({"model": str(default_model), "max_tokens": 24, "temperature": 0,
                             "messages": [{"role": "user", "content": doc.prompt()}]}).encode()
         req = urllib.request.Request(f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=900) as r:
             return _json.loads(r.read())["choices"][0]["message"]["content"]
 
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            try:
-                _get(f"{base}/health")
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not become healthy"
-                time.sleep(2)
-        proc = psutil.Process(server.pid)
+    with running_server(argv, env, tmp_path / "server.log") as (base, pid):
+        proc = psutil.Process(pid)
         idle = tree_rss_bytes(proc)
         peak = [idle]
         stop = threading.Event()
@@ -164,17 +148,10 @@ def test_serve_with_kvswap_decoding_answers_concurrent_long_chats(default_model:
 
         threading.Thread(target=sample, daemon=True).start()
         with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(ask, docs))
+            answers = list(pool.map(lambda d: ask(base, d), docs))
         stop.set()
         assert all(d.is_correct(a) for d, a in zip(docs, answers)), [(d.answer, a) for d, a in zip(docs, answers)]
         dense_kv = 8 * 2600 * 30 * 3 * 64 * 2 * 4
         growth = peak[0] - idle
         print(f"server RSS idle {idle / 2**20:.0f} MB, peak {peak[0] / 2**20:.0f} MB, growth {growth / 2**20:.0f} MB; "
               f"dense KV of the batch {dense_kv / 2**20:.0f} MB")
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
