@@ -130,6 +130,8 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
         "passkeys_correct": sum(d.is_correct(t) for d, t in zip(docs, out["texts"])),
         "memory_detail_mb": {k: round(v / 2**20, 2) for k, v in stats["peak"].items() if k.endswith("bytes")}
         if stats else None,
+        # kvswap: groups read and found useful per mechanism (step-ahead, layer-ahead, own query).
+        "reads_by_source": stats.get("reads") if stats else None,
     }
 
 

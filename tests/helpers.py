@@ -12,6 +12,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
+from benchmarks.server import free_port  # noqa: F401  (the tests take it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -73,39 +75,13 @@ def write_tiny_llama(path: Path, tokenizer_from: Path, heads: int = 4, kv_heads:
 @contextlib.contextmanager
 def running_server(argv: list[str], env: dict[str, str], log_path: Path,
                    timeout_s: float = 600) -> Iterator[tuple[str, int]]:
-    """Start an OpenAI-compatible server (its own process group), wait for /health, yield its
-    base URL and pid; stop it (SIGINT, then SIGKILL) on exit. `argv` must include --port."""
-    import signal
-    import time
-    import urllib.request
+    """benchmarks.server.running_server, failing the test when the server does not come up."""
+    from benchmarks.server import ServerFailed
+    from benchmarks.server import running_server as run
 
-    port = argv[argv.index("--port") + 1]
-    base = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if server.poll() is not None:
-                    pytest.fail(f"server exited with {server.returncode}:\n{log_path.read_text()[-4000:]}")
-                try:
-                    urllib.request.urlopen(f"{base}/health", timeout=5).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, f"server did not become healthy in {timeout_s:.0f} s"
-                    time.sleep(2)
-            yield base, server.pid
-        finally:
-            os.killpg(server.pid, signal.SIGINT)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+    try:
+        with run(argv, env, log_path, timeout_s) as server:
+            yield server
+    except ServerFailed as e:
+        pytest.fail(str(e))
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -101,3 +101,34 @@ def test_bases_are_orthonormal_and_capture_low_rank_keys() -> None:
     joint, per_head, energy = _bases(keys, 4)
     assert torch.allclose(joint.T @ joint, torch.eye(4), atol=1e-5)
     assert energy > 0.9999 and per_head.shape == (2, 16, 2)
+
+
+def test_metadata_rows_restore_the_same_scores(predictor) -> None:
+    """What a restarted engine does: rows written with the groups, imported by a new predictor,
+    give the same selection as the predictor that computed them."""
+    from kvswap_vllm.predict.persisted import rows_from_aux, rows_to_aux
+
+    keys = torch.randn(20, SEL.group_size, SHAPE.num_kv_heads, SHAPE.head_dim, generator=torch.Generator().manual_seed(3))
+    other = create_predictor(predictor.name, SHAPE, SEL, predictor.adapter)
+    aux = [rows_to_aux(predictor.append_groups(1, keys[i:i + 5]), predictor.metadata_id) for i in range(0, 20, 5)]
+    for i, a in enumerate(aux):
+        other.import_groups(1, rows_from_aux(a, other.metadata_id, f"file {i}"))
+    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim)
+    assert other.num_groups(1) == 20 and other.metadata_bytes() == predictor.metadata_bytes()
+    assert torch.equal(other.select(1, q), predictor.select(1, q))
+
+
+def test_stored_metadata_of_another_adapter_or_damaged_is_refused() -> None:
+    from kvswap_vllm.predict.persisted import MetadataError, rows_from_aux, rows_to_aux
+
+    p = create_predictor("kvswap", SHAPE, SEL, random_adapter(seed=1))
+    aux = rows_to_aux(p.append_groups(0, torch.randn(3, 4, SHAPE.num_kv_heads, SHAPE.head_dim)), p.metadata_id)
+    other = create_predictor("kvswap", SHAPE, SEL, random_adapter(seed=2))
+    assert other.metadata_id != p.metadata_id
+    with pytest.raises(MetadataError, match="this predictor is"):
+        rows_from_aux(aux, other.metadata_id, "f")
+    bad = dict(aux, **{"meta.data": aux["meta.data"][:-8] + "AAAAAAAA"})
+    with pytest.raises(MetadataError, match="checksum"):
+        rows_from_aux(bad, p.metadata_id, "f")
+    with pytest.raises(MetadataError, match="no predictor metadata"):
+        rows_from_aux({}, p.metadata_id, "f")

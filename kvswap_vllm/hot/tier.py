@@ -4,10 +4,11 @@ only the difference from the disk tier ("load only the difference")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from kvswap_vllm.store.disk_store import DiskStore
+from kvswap_vllm.store.disk_store import DiskStore, ReadResult
 from kvswap_vllm.store.fileio import aligned_tensor
 
 
@@ -15,13 +16,16 @@ from kvswap_vllm.store.fileio import aligned_tensor
 class LoadResult:
     """What one layer's load did."""
 
-    # Slot of each selected group, in the order of the selection.
+    # The selected group ids, and the slot of each, in the order of the selection.
+    groups: list[int]
     slots: torch.Tensor
     hits: int
     misses: int
     bytes_read: int
     # Selected groups the disk tier could not serve (never written, evicted or corrupt).
     unavailable: list[int]
+    # Groups this load read from the disk tier.
+    read: list[int]
 
 
 @dataclass
@@ -43,9 +47,13 @@ class HotTier:
     disk tier's group layout, in page-aligned memory.
     """
 
-    def __init__(self, store: DiskStore, sequence: str, slots_per_layer: int) -> None:
+    def __init__(self, store: DiskStore, sequence: str, slots_per_layer: int,
+                 read: Callable[[int, list[int], torch.Tensor], ReadResult] | None = None) -> None:
         cfg = store.config
         self.store, self.sequence, self.slots_per_layer = store, sequence, slots_per_layer
+        # read(layer, group ids, out): the sequence's groups (a sequence may start with groups
+        # of stored prefixes); by default straight from `sequence` in the store.
+        self._read = read or (lambda layer, ids, out: store.read_groups(sequence, layer, ids, out=out))
         self.slots = aligned_tensor((cfg.num_layers, slots_per_layer, *cfg.group_shape), cfg.torch_dtype)
         self._slot_of: list[dict[int, int]] = [{} for _ in range(cfg.num_layers)]
         self._stage = aligned_tensor((slots_per_layer, *cfg.group_shape), cfg.torch_dtype)
@@ -69,9 +77,10 @@ class HotTier:
         for g in [g for g in table if g not in wanted]:  # evict groups no longer selected
             free.append(table.pop(g))
         unavailable: list[int] = []
+        read: list[int] = []
         nbytes = 0
         if misses:
-            res = self.store.read_groups(self.sequence, layer, misses, out=self._stage[: len(misses)])
+            res = self._read(layer, misses, self._stage[: len(misses)])
             nbytes = res.bytes_read
             ok = [i for i, f in enumerate(res.found) if f]
             unavailable = [misses[i] for i, f in enumerate(res.found) if not f]
@@ -80,13 +89,14 @@ class HotTier:
                 self.slots[layer].index_copy_(0, torch.tensor(target), self._stage[torch.tensor(ok)])
             for i, slot in zip(ok, target):
                 table[misses[i]] = slot
+            read = [misses[i] for i in ok]
         s = self.stats
         s.selected += len(ids)
         s.hits += hits
         s.bytes_read += nbytes
         s.unavailable += len(unavailable)
         slots = torch.tensor([table.get(g, -1) for g in ids], dtype=torch.int64)
-        return LoadResult(slots, hits, len(misses), nbytes, unavailable)
+        return LoadResult(ids, slots, hits, len(misses), nbytes, unavailable, read)
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots, in order: each (num_kv_heads, len(slots) * group_size, head_dim)."""

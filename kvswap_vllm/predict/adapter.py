@@ -8,6 +8,8 @@ Saved as safetensors (tensors) + JSON (metadata, model fingerprint).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import sys
@@ -49,6 +51,14 @@ class LowRankAdapter:
     @property
     def per_head_rank(self) -> int:
         return int(self.per_head[0].shape[-1])
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """Identifies the bases: low-rank keys projected with other bases are not comparable."""
+        h = hashlib.sha256()
+        for t in self.joint:
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def save(self, path: Path) -> None:
         """Write `<path>.safetensors` and `<path>.json` atomically."""

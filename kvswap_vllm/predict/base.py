@@ -64,11 +64,24 @@ class Predictor(ABC):
     def num_groups(self, layer: int) -> int:
         return self._num_groups[layer]
 
-    def append_groups(self, layer: int, keys: torch.Tensor) -> None:
-        """Record metadata of newly completed groups of `layer`."""
-        if keys.shape[0]:
-            self._append(layer, keys)
-            self._num_groups[layer] += int(keys.shape[0])
+    def append_groups(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """Record metadata of newly completed groups of `layer`; returns it, one row per group
+        (what `import_groups` takes back, e.g. after a restart)."""
+        rows = self.group_metadata(layer, keys)
+        self.import_groups(layer, rows)
+        return rows
+
+    def import_groups(self, layer: int, rows: torch.Tensor) -> None:
+        """Record metadata rows (num_new_groups, ...) computed earlier by `group_metadata`."""
+        if rows.shape[0]:
+            self._store(layer, rows)
+            self._num_groups[layer] += int(rows.shape[0])
+
+    @property
+    def metadata_id(self) -> str:
+        """What metadata rows depend on besides the keys: they are only valid for the same id."""
+        digest = getattr(self.adapter, "digest", None)
+        return self.name if digest is None else f"{self.name}:{digest}"
 
     def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         """Ids (ascending, int64) of the full groups `layer` should attend to."""
@@ -79,9 +92,13 @@ class Predictor(ABC):
         scores = self.score(layer, query)
         return torch.topk(scores, k, sorted=False).indices.sort().values
 
-    @abstractmethod
-    def _append(self, layer: int, keys: torch.Tensor) -> None:
-        """Store metadata for keys (num_new_groups, group_size, num_kv_heads, head_dim)."""
+    def group_metadata(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """Metadata of keys (num_new_groups, group_size, num_kv_heads, head_dim): one row per
+        group. Position-only predictors keep none (rows of size 0)."""
+        return torch.empty(keys.shape[0], 0, dtype=torch.uint8)
+
+    def _store(self, layer: int, rows: torch.Tensor) -> None:
+        """Keep metadata rows of new groups (the base class counts them)."""
 
     @abstractmethod
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:

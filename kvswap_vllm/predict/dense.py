@@ -13,9 +13,6 @@ class Dense(Predictor):
     def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         return torch.arange(self.num_groups(layer))
 
-    def _append(self, layer: int, keys: torch.Tensor) -> None:
-        pass
-
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.num_groups(layer))
 

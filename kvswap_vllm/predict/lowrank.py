@@ -45,9 +45,13 @@ class _LowRank(Predictor):
 class JointLowRank(_LowRank):
     name = "kvswap-paper"
 
-    def _append(self, layer: int, keys: torch.Tensor) -> None:
-        flat = keys.reshape(-1, self.shape.num_kv_heads * self.shape.head_dim).float()
-        self._lr[layer].append((flat @ self.adapter.joint[layer]).half())  # (tokens, r)
+    def group_metadata(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        n, g = keys.shape[:2]
+        flat = keys.reshape(n * g, self.shape.num_kv_heads * self.shape.head_dim).float()
+        return (flat @ self.adapter.joint[layer]).half().view(n, g, -1)  # (groups, G, r)
+
+    def _store(self, layer: int, rows: torch.Tensor) -> None:
+        self._lr[layer].append(rows.reshape(-1, rows.shape[-1]))  # (tokens, r)
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         s = self.shape

@@ -17,9 +17,12 @@ class Quest(Predictor):
         self._min: list[list[torch.Tensor]] = [[] for _ in range(self.shape.num_layers)]
         self._max: list[list[torch.Tensor]] = [[] for _ in range(self.shape.num_layers)]
 
-    def _append(self, layer: int, keys: torch.Tensor) -> None:
-        self._min[layer].append(keys.amin(dim=1).float())
-        self._max[layer].append(keys.amax(dim=1).float())
+    def group_metadata(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        return torch.stack([keys.amin(dim=1), keys.amax(dim=1)], dim=1).float()  # (groups, 2, H, d)
+
+    def _store(self, layer: int, rows: torch.Tensor) -> None:
+        self._min[layer].append(rows[:, 0])
+        self._max[layer].append(rows[:, 1])
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         lo, hi = torch.cat(self._min[layer]), torch.cat(self._max[layer])

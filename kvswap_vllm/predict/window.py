@@ -12,9 +12,6 @@ SINK_TOKENS = 4
 class SinkWindow(Predictor):
     name = "window"
 
-    def _append(self, layer: int, keys: torch.Tensor) -> None:
-        pass
-
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         n = self.num_groups(layer)
         scores = torch.arange(n, dtype=torch.float32)  # newer is better

@@ -1,4 +1,16 @@
-"""Submit layer L+1's loads while layer L computes; each layer waits only for its own."""
+"""Submit a layer's loads before it runs; each layer waits only for its own.
+
+Three mechanisms submit loads, named in the stats:
+- `step`: at the start of a decode step, every layer >= 2 re-selects with the query it used
+  last (the previous step's, or the last prompt token's), so reads start before the forward
+  pass reaches the layer;
+- `ahead`: inside the pass, layer L predicts layer L+1's query (layer-ahead) and submits its
+  selection, which is the one the layer attends to;
+- `own`: a layer with no final submission selects from its own query, on the critical path.
+A later submission for a layer supersedes an earlier one; loads of the hot tier only read the
+groups not already resident, so a superseded load's reads still serve the later selection when
+they overlap. A group read counts as useful when the selection the layer attends to holds it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +22,23 @@ import torch
 
 from kvswap_vllm.hot.tier import HotTier, LoadResult
 
+SOURCES = ("step", "ahead", "own")
+
+
+@dataclass
+class SourceStats:
+    """What one mechanism's loads did."""
+
+    loads: int = 0
+    groups_read: int = 0
+    bytes_read: int = 0
+    # Groups read that the layer then attended to.
+    groups_useful: int = 0
+
+    def as_dict(self) -> dict:
+        return {"loads": self.loads, "groups_read": self.groups_read, "bytes_read": self.bytes_read,
+                "groups_useful": self.groups_useful}
+
 
 @dataclass
 class PrefetchStats:
@@ -17,8 +46,17 @@ class PrefetchStats:
 
     load_s: list[float] = field(default_factory=list)
     wait_s: list[float] = field(default_factory=list)
-    ahead: int = 0
-    synchronous: int = 0
+    by_source: dict[str, SourceStats] = field(default_factory=lambda: {s: SourceStats() for s in SOURCES})
+
+    @property
+    def ahead(self) -> int:
+        """Final selections that were submitted before the layer ran (layer-ahead)."""
+        return self.by_source["ahead"].loads
+
+    @property
+    def synchronous(self) -> int:
+        """Final selections made from the layer's own query, on the critical path."""
+        return self.by_source["own"].loads
 
     @property
     def overlap(self) -> float:
@@ -26,9 +64,14 @@ class PrefetchStats:
         load = sum(self.load_s)
         return 1.0 - min(1.0, sum(self.wait_s) / load) if load else 1.0
 
+    def as_dict(self) -> dict:
+        return {"overlap": self.overlap, "load_s": sum(self.load_s), "wait_s": sum(self.wait_s),
+                "by_source": {s: v.as_dict() for s, v in self.by_source.items()}}
+
 
 class LayerPrefetcher:
-    """One background thread runs loads in submission order (layer by layer)."""
+    """One background thread runs loads in submission order (they share the hot tier's
+    staging buffer)."""
 
     def __init__(self, hot: HotTier) -> None:
         self.hot = hot
@@ -36,36 +79,42 @@ class LayerPrefetcher:
         self.stats = PrefetchStats(load_s=[0.0] * n, wait_s=[0.0] * n)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvswap-prefetch")
         self._pending: dict[int, Future[LoadResult]] = {}
+        # Per layer, since its last wait: (source, groups read) of each finished load.
+        self._reads: list[list[tuple[str, list[int]]]] = [[] for _ in range(n)]
 
-    def submit(self, layer: int, groups: torch.Tensor, ahead: bool = True) -> None:
-        """Start loading `groups` of `layer` (replacing a load not yet waited for); `ahead`
-        says whether the load was issued a layer early (else it is on the critical path)."""
-        if ahead:
-            self.stats.ahead += 1
-        else:
-            self.stats.synchronous += 1
-        self._pending[layer] = self._pool.submit(self._load, layer, groups)
+    def submit(self, layer: int, groups: torch.Tensor, source: str) -> None:
+        """Start loading `groups` of `layer`; supersedes a load not yet waited for."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown load source {source!r}; one of {SOURCES}")
+        self.stats.by_source[source].loads += 1
+        self._pending[layer] = self._pool.submit(self._load, layer, groups, source)
 
-    def _load(self, layer: int, groups: torch.Tensor) -> LoadResult:
+    def pending(self, layer: int) -> bool:
+        return layer in self._pending
+
+    def _load(self, layer: int, groups: torch.Tensor, source: str) -> LoadResult:
         t0 = time.perf_counter()
         with torch.inference_mode():  # per thread; the slots may be inference tensors
             res = self.hot.load(layer, groups)
         self.stats.load_s[layer] += time.perf_counter() - t0
+        s = self.stats.by_source[source]
+        s.groups_read += len(res.read)
+        s.bytes_read += res.bytes_read
+        self._reads[layer].append((source, res.read))
         return res
 
-    def wait(self, layer: int, groups: torch.Tensor | None = None) -> LoadResult:
-        """The layer's load result; loads synchronously when nothing was submitted for it."""
+    def wait(self, layer: int) -> LoadResult:
+        """The result of the layer's last submitted load; earlier loads finished before it."""
         fut = self._pending.pop(layer, None)
-        t0 = time.perf_counter()
         if fut is None:
-            if groups is None:
-                raise ValueError(f"layer {layer}: nothing prefetched and no groups given")
-            self.stats.synchronous += 1
-            # Through the same thread: loads share the hot tier's staging buffer.
-            res = self._pool.submit(self._load, layer, groups).result()
-        else:
-            res = fut.result()
+            raise ValueError(f"layer {layer}: no load submitted")
+        t0 = time.perf_counter()
+        res = fut.result()
         self.stats.wait_s[layer] += time.perf_counter() - t0
+        attended = set(res.groups)
+        for source, read in self._reads[layer]:
+            self.stats.by_source[source].groups_useful += sum(1 for g in read if g in attended)
+        self._reads[layer].clear()
         return res
 
     def close(self) -> None:

@@ -87,13 +87,16 @@ class KVSwapDisk:
 
     def _make_hook(self, layer: int):
         """Before layer L runs (and before its cache update): layers 0 and 1 select from their
-        own query; layer L also selects for L+1 from L's input and L+1's W_q (layer-ahead)."""
+        own query; layer L also selects for L+1 from L's input and L+1's W_q (layer-ahead).
+        Before layer 0, the step's early prefetch starts every later layer's reads."""
 
         def hook(module, args, kwargs):
             seq = self.current
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             if seq is None or hidden is None or hidden.shape[1] != 1:
                 return None
+            if layer == 0:
+                seq.core.prefetch_step()
             cos, sin = kwargs["position_embeddings"]
             for target in (layer, layer + 1):
                 ahead = target == layer + 1

@@ -11,12 +11,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvswap_vllm.hot.tier import HotTier
 from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor
+from kvswap_vllm.predict.persisted import rows_from_aux, rows_to_aux
 from kvswap_vllm.prefetch.pipeline import LayerPrefetcher
-from kvswap_vllm.store.disk_store import DiskStore
+from kvswap_vllm.store.disk_store import DiskStore, ReadResult
 from kvswap_vllm.store.fileio import aligned_tensor
 
 
@@ -32,32 +34,115 @@ class DiskRuntimeConfig:
     prefill_chunk: int = 1024
 
 
+#: Layers below this select from their own query (nothing before them predicts it).
+FIRST_AHEAD_LAYER = 2
+
+
+@dataclass(frozen=True)
+class PrefixRun:
+    """Groups [start, stop) of a sequence are those of another, stored sequence (a cached
+    prefix): same positions, so the same group ids."""
+
+    sequence: str
+    start: int
+    stop: int
+
+
+@dataclass
+class Persistence:
+    """A sequence whose files outlive it, for later requests with the same prefix: each file
+    carries the predictor's metadata of its groups, and the group completing the i-th block of
+    `block_tokens` tokens carries `block_hashes[i]` (prompt blocks only)."""
+
+    block_tokens: int
+    block_hashes: list[bytes]
+
+    def hashes_for(self, first_group: int, n: int, group_size: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for g in range(first_group, first_group + n):
+            end = (g + 1) * group_size
+            block = end // self.block_tokens - 1
+            out.append(self.block_hashes[block] if end % self.block_tokens == 0 and block < len(self.block_hashes)
+                       else None)
+        return out
+
+
 class KVSwapSequence:
     """The KV of one sequence: disk groups + low-rank metadata + hot tier + tail, per layer."""
 
     def __init__(self, store: DiskStore, shape: ModelShape, config: DiskRuntimeConfig, adapter: object | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, prefix: list[PrefixRun] = (), persist: Persistence | None = None) -> None:
+        """`prefix`: runs of stored groups this sequence starts with (their files and metadata are
+        checked now: a StoreError or MetadataError says the prefix cannot be used). `persist`:
+        keep this sequence's files when it closes (else they are deleted: private data)."""
         self.store, self.shape, self.config = store, shape, config
         self.group_size = config.selection.group_size
         self.name = name or f"seq-{uuid.uuid4().hex[:12]}"
-        store.open_sequence(self.name, private=True)
         self.predictor: Predictor = create_predictor(config.predictor, shape, config.selection, adapter)
-        self.hot = HotTier(store, self.name, config.selection.budget_groups)
+        self.persist = persist
+        self.prefix = list(prefix)
+        for run in self.prefix:  # pinned against eviction while in use
+            store.open_sequence(run.sequence, private=False)
+        store.open_sequence(self.name, private=persist is None)
+        try:
+            self._import_prefix_metadata()
+        except BaseException:
+            self._release_files()
+            raise
+        self.hot = HotTier(store, self.name, config.selection.budget_groups, read=self.read_groups)
         self.prefetch = LayerPrefetcher(self.hot)
         n = shape.num_layers
-        self.disk_groups = [0] * n
+        start = self.prefix[-1].stop if self.prefix else 0
+        self.disk_groups = [start] * n
         self._k: list[torch.Tensor | None] = [None] * n  # the tails
         self._v: list[torch.Tensor | None] = [None] * n
+        # Layers whose selection for this step is submitted (layer-ahead or own query).
         self._submitted: set[int] = set()
+        # The query each layer selected with last: the next step's early prefetch reuses it.
+        self._query: list[torch.Tensor | None] = [None] * n
+
+    def _import_prefix_metadata(self) -> None:
+        for layer in range(self.shape.num_layers):
+            for run in self.prefix:
+                for first, n, aux in self.store.segment_aux(run.sequence, layer, run.start, run.stop - 1):
+                    rows = rows_from_aux(aux, self.predictor.metadata_id, f"{run.sequence} layer {layer} group {first}")
+                    if rows.shape[0] != n:
+                        raise ValueError(f"{run.sequence} layer {layer}: {rows.shape[0]} metadata rows for {n} groups")
+                    lo, hi = max(first, run.start), min(first + n, run.stop)
+                    self.predictor.import_groups(layer, rows[lo - first:hi - first])
+
+    def read_groups(self, layer: int, ids: list[int], out: torch.Tensor | None = None) -> ReadResult:
+        """Groups `ids` (ascending) of `layer`, from the prefix runs' sequences or this one."""
+        parts: list[tuple[str, list[int]]] = []
+        for g in ids:
+            src = next((r.sequence for r in self.prefix if r.start <= g < r.stop), self.name)
+            if parts and parts[-1][0] == src:
+                parts[-1][1].append(g)
+            else:
+                parts.append((src, [g]))
+        if len(parts) <= 1:
+            return self.store.read_groups(parts[0][0] if parts else self.name, layer, ids, out=out)
+        if out is None:
+            out = aligned_tensor((len(ids), *self.store.config.group_shape), self.store.config.torch_dtype)
+        found, nbytes, extents, i = [], 0, 0, 0
+        for src, part in parts:
+            res = self.store.read_groups(src, layer, part, out=out[i:i + len(part)])
+            found.append(res.found)
+            nbytes, extents, i = nbytes + res.bytes_read, extents + res.extents, i + len(part)
+        return ReadResult(out, np.concatenate(found), nbytes, extents)
 
     def length(self, layer: int) -> int:
         tail = 0 if self._k[layer] is None else self._k[layer].shape[1]
         return self.disk_groups[layer] * self.group_size + tail
 
     # ----- prefill: dense over everything so far --------------------------------------------
-    def prefill_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                   last_query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Append a chunk; returns K and V of the whole sequence (past read back from disk, one
-        layer at a time) and writes the chunk's full groups to disk."""
+        layer at a time) and writes the chunk's full groups to disk. `last_query` (the chunk's
+        last query, (num_q_heads, head_dim)) seeds the first decode step's early prefetch."""
+        if last_query is not None:
+            self._query[layer] = last_query.clone()
         past_k, past_v = self._read_past(layer)
         self._append(layer, k, v)
         full_k = self._k[layer] if past_k is None else torch.cat([past_k, self._k[layer]], dim=1)
@@ -70,7 +155,7 @@ class KVSwapSequence:
         if groups == 0:
             return None, None
         self.store.flush()
-        res = self.store.read_groups(self.name, layer, range(groups))
+        res = self.read_groups(layer, list(range(groups)))
         if not res.found.all():
             raise RuntimeError(f"disk tier lost groups of layer {layer} of {self.name} during prefill")
         n, h, _, g, d = res.kv.shape  # (n, H, 2, G, d)
@@ -81,9 +166,20 @@ class KVSwapSequence:
     # ----- decode: selected groups + tail ---------------------------------------------------
     def submit(self, layer: int, query: torch.Tensor, ahead: bool) -> None:
         """Select `layer`'s groups for `query` (num_q_heads, head_dim), post-RoPE, and start
-        loading the ones not resident; `ahead` = predicted from the previous layer."""
-        self.prefetch.submit(layer, self.predictor.select(layer, query), ahead=ahead)
+        loading the ones not resident; this is the selection the layer attends to. `ahead` =
+        predicted from the previous layer's input, else the layer's own query."""
+        self.prefetch.submit(layer, self.predictor.select(layer, query), "ahead" if ahead else "own")
         self._submitted.add(layer)
+        self._query[layer] = query.clone()  # never a view that keeps an engine's batch alive
+
+    def prefetch_step(self) -> None:
+        """At the start of a decode step: every layer >= FIRST_AHEAD_LAYER that has selected
+        before re-selects with that query and starts its reads now, before the forward pass
+        reaches it; its layer-ahead selection then only reads the difference."""
+        for layer in range(FIRST_AHEAD_LAYER, self.shape.num_layers):
+            q = self._query[layer]
+            if q is not None and layer not in self._submitted and self.disk_groups[layer]:
+                self.prefetch.submit(layer, self.predictor.select(layer, q), "step")
 
     def decode_tail(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append one step's token(s); returns the whole tail, new tokens included. A tail that is
@@ -133,9 +229,15 @@ class KVSwapSequence:
         groups = aligned_tensor((n, h, 2, g, d), k.dtype)
         groups[:, :, 0] = k.reshape(h, n, g, d).transpose(0, 1)
         groups[:, :, 1] = v.reshape(h, n, g, d).transpose(0, 1)
-        if not self.store.write_groups_async(self.name, layer, self.disk_groups[layer], groups).result():
+        first = self.disk_groups[layer]
+        rows = self.predictor.group_metadata(layer, k.transpose(0, 1).reshape(n, g, h, d))
+        hashes, aux = None, None
+        if self.persist is not None:
+            hashes = self.persist.hashes_for(first, n, g)
+            aux = rows_to_aux(rows, self.predictor.metadata_id)
+        if not self.store.write_groups_async(self.name, layer, first, groups, hashes, aux).result():
             raise RuntimeError("the disk tier refused a write (capacity or disk full)")
-        self.predictor.append_groups(layer, k.transpose(0, 1).reshape(n, g, h, d))
+        self.predictor.import_groups(layer, rows)
         self.disk_groups[layer] += n
         # Copies, not views: a view would keep the whole flushed chunk's storage alive.
         self._k[layer] = self._k[layer][:, tokens:].clone()
@@ -148,8 +250,14 @@ class KVSwapSequence:
         return {"reuse_rate": self.hot.stats.reuse_rate, "bytes_read": self.hot.stats.bytes_read,
                 "hot_tier_bytes": self.hot.nbytes, "metadata_bytes": self.predictor.metadata_bytes(),
                 "prefetch_overlap": self.prefetch.stats.overlap, "prefetched_loads": self.prefetch.stats.ahead,
-                "synchronous_loads": self.prefetch.stats.synchronous}
+                "synchronous_loads": self.prefetch.stats.synchronous,
+                "reads_by_source": self.prefetch.stats.as_dict()["by_source"]}
 
     def close(self) -> None:
         self.prefetch.close()
+        self._release_files()
+
+    def _release_files(self) -> None:
         self.store.release_sequence(self.name)
+        for run in self.prefix:
+            self.store.release_sequence(run.sequence)

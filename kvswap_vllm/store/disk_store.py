@@ -24,9 +24,9 @@ import torch
 from kvswap_vllm.store import fileio
 from kvswap_vllm.store.config import StoreConfig
 from kvswap_vllm.store.crypto import OVERHEAD, GroupCipher
-from kvswap_vllm.store.errors import DamagedFileError, FormatError, StoreError
+from kvswap_vllm.store.errors import DamagedFileError, FormatError, MissingGroupsError, StoreError
 from kvswap_vllm.store.format import (
-    SegmentInfo, SerializedSegment, checksum, open_segment, segment_info, serialize_segment,
+    SegmentInfo, SerializedSegment, checksum, open_segment, read_aux, segment_info, serialize_segment,
 )
 from kvswap_vllm.store.throttle import Throttle
 
@@ -210,6 +210,21 @@ class DiskStore:
                 n = seg.info.last_group + 1
         return n
 
+    def segment_aux(self, sequence: str, layer: int, first_group: int, last_group: int) -> list[tuple[int, int, dict[str, str]]]:
+        """(first group, number of groups, aux entries) of each file of (sequence, layer) holding
+        groups first_group..last_group, in order; raises MissingGroupsError if any is absent."""
+        with self._lock:
+            segs = [s.info for s in self._segments.get((sequence, layer), [])
+                    if s.info.last_group >= first_group and s.info.first_group <= last_group]
+        covered = first_group
+        for info in segs:
+            if info.first_group > covered:
+                break
+            covered = info.last_group + 1
+        if covered <= last_group:
+            raise MissingGroupsError(f"{sequence} layer {layer}: groups {covered}..{last_group} are not stored")
+        return [(info.first_group, info.num_groups, read_aux(info.path)) for info in segs]
+
     def find_block(self, block_hash: bytes) -> tuple[str, int] | None:
         """(sequence, group id) of the group that ends the vLLM block with this content hash."""
         with self._lock:
@@ -230,13 +245,14 @@ class DiskStore:
 
     def write_groups_async(
         self, sequence: str, layer: int, first_group: int, kv: torch.Tensor,
-        block_hashes: Sequence[bytes | None] | None = None,
+        block_hashes: Sequence[bytes | None] | None = None, aux: dict[str, str] | None = None,
     ) -> Future[bool]:
         """Like write_groups, but only checksums and the file layout are computed now; the disk
         write runs in the writer thread, so a prefill prepares layer L+1 while layer L is
         written. The kv bytes are written from `kv` itself (zero-copy; page-aligned memory such
         as `fileio.aligned_tensor` bypasses the page cache): do not modify `kv` until the future
-        resolves. The groups become readable then."""
+        resolves. The groups become readable then. `aux`: the caller's entries for the file's
+        metadata (not written when the store encrypts: they would be plaintext)."""
         _check_name(sequence)
         n = self._check_kv(kv, layer)
         hashes = list(block_hashes) if block_hashes is not None else [None] * n
@@ -247,7 +263,8 @@ class DiskStore:
         with self._lock:
             self._check_no_overlap(sequence, layer, first_group, n)
         rows, crcs = self._encode_rows(sequence, layer, first_group, kv)
-        data = serialize_segment(self.config, layer, sequence, first_group, rows, self._row_bytes, crcs, hashes)
+        aux = None if self._cipher is not None else aux
+        data = serialize_segment(self.config, layer, sequence, first_group, rows, self._row_bytes, crcs, hashes, aux)
         self._in_flight.acquire()  # at most two files queued: back-pressure on a slow disk
         try:
             with self._lock:

@@ -21,3 +21,7 @@ class DamagedFileError(FormatError):
 
 class ShortReadError(DamagedFileError):
     """The file ended before the bytes its index promised (truncated)."""
+
+
+class MissingGroupsError(StoreError):
+    """Groups a caller relies on are not (or no longer) in the disk tier."""

@@ -48,9 +48,15 @@ def schema(row_bytes: int, meta: dict[str, str]) -> pa.Schema:
     )
 
 
-def file_metadata(cfg: StoreConfig, layer: int, sequence: str, first_group: int) -> dict[str, str]:
-    """Schema metadata pinning everything a reader must agree on."""
-    return {
+#: Prefix of the caller's own entries in a file's schema metadata (`kvswap.aux.<key>`).
+AUX = "aux."
+
+
+def file_metadata(cfg: StoreConfig, layer: int, sequence: str, first_group: int,
+                  aux: dict[str, str] | None = None) -> dict[str, str]:
+    """Schema metadata pinning everything a reader must agree on, plus the caller's `aux`
+    entries (e.g. the predictor's metadata of the file's groups)."""
+    return {**{AUX + k: v for k, v in (aux or {}).items()},
         "format_version": str(FORMAT_VERSION),
         "model_fingerprint": cfg.model_fingerprint,
         "dtype": cfg.dtype,
@@ -63,6 +69,16 @@ def file_metadata(cfg: StoreConfig, layer: int, sequence: str, first_group: int)
         "first_group": str(first_group),
         "encryption": ENCRYPTION_AES_GCM if cfg.encryption_key else ENCRYPTION_NONE,
     }
+
+
+def read_aux(path: Path) -> dict[str, str]:
+    """The `aux` entries a block file was written with (its footer only is read)."""
+    try:
+        with pa.memory_map(str(path)) as mm:
+            meta = read_metadata(pa.ipc.open_file(mm).schema, path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DamagedFileError(f"{path}: cannot read the block file's metadata ({exc})") from exc
+    return {k[len(AUX):]: v for k, v in meta.items() if k.startswith(AUX)}
 
 
 def read_metadata(sch: pa.Schema, path: Path) -> dict[str, str]:
@@ -234,10 +250,11 @@ def _aligned_copy(data: bytes | bytearray) -> memoryview:
 def serialize_segment(
     cfg: StoreConfig, layer: int, sequence: str, first_group: int,
     rows: memoryview, row_bytes: int, crcs: np.ndarray, block_hashes: list[bytes | None],
+    aux: dict[str, str] | None = None,
 ) -> SerializedSegment:
     """One block file (a single record batch of `len(crcs)` groups) as pieces to write. The kv
     bytes are not copied: when `rows` is page-aligned memory they go to disk with O_DIRECT."""
-    sch = _aligned_schema(row_bytes, file_metadata(cfg, layer, sequence, first_group))
+    sch = _aligned_schema(row_bytes, file_metadata(cfg, layer, sequence, first_group, aux))
     batch = _batch(sch, row_bytes, rows, first_group, crcs, block_hashes)
     sink = _PieceSink(pa.py_buffer(rows).address)
     _write_ipc(pa.PythonFile(sink, mode="w"), sch, batch)

@@ -62,9 +62,13 @@ class KVSwapMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     blocks_queried: int = 0
     blocks_hit: int = 0
-    # First block ids of requests finished or preempted since the last step (sparse decoding
-    # keys its sequences by them).
+    # KVSwap decoding keys its sequences by each request's first block id:
+    # requests finished or preempted since the last step;
     released: list[int] = field(default_factory=list)
+    # hashes of the full prompt blocks of requests starting now (their files keep them);
+    prompt_hashes: dict[int, list[bytes]] = field(default_factory=dict)
+    # requests starting with a stored prefix: (first block id, the prefix's block ids, hashes).
+    adopt: list[tuple[int, list[int], list[bytes]]] = field(default_factory=list)
 
 
 class KVSwapConnector(KVConnectorBase_V1):
@@ -164,6 +168,8 @@ class _Request:
     lookup: tuple[int, int, int] = (0, 0, 0)
     # Blocks to load in this request's next step: (first block index, count).
     load: tuple[int, int] | None = None
+    # KVSwap decoding: the workers were told this request's prompt hashes.
+    announced: bool = False
 
     def hashes_upto(self, n: int, block_size: int) -> list[bytes]:
         if len(self.hashes) < n:
@@ -181,9 +187,13 @@ class _SchedulerSide:
         self.options = options
         self.identity = identity
         self.block_size = identity.block_size
-        # A block is loadable when every rank holds it.
-        per_rank = [stored_block_hashes(identity.store_config(options, tp, pp)) for tp, pp in identity.all_ranks()]
+        # A block is loadable when every rank holds it; KVSwap decoding has its own disk tier.
+        configs = ([identity.sparse_store_config(options)] if options.sparse else
+                   [identity.store_config(options, tp, pp) for tp, pp in identity.all_ranks()])
+        per_rank = [stored_block_hashes(c) for c in configs]
         self.stored: set[bytes] = set.intersection(*per_rank) if per_rank else set()
+        # KVSwap decoding stores prompts only when whole blocks are whole groups.
+        self.sparse_prefixes = options.sparse and self.block_size % options.group_size == 0
         self._run = uuid.uuid4().hex[:12]  # sequences of this engine run never collide with older ones
         self._count = 0
         self._reqs: dict[str, _Request] = {}
@@ -210,8 +220,8 @@ class _SchedulerSide:
     def matched_tokens(self, request: "Request", num_computed_tokens: int) -> int:
         st = self._state(request)
         st.lookup = (0, 0, 0)
-        if self.options.sparse or not self._cacheable(request):
-            return 0  # sparse decoding keeps its own KV: vLLM's blocks are never filled by loads
+        if not self._cacheable(request) or (self.options.sparse and not self.sparse_prefixes):
+            return 0
         limit = (request.num_tokens - 1) // self.block_size  # vLLM must compute at least one token
         first = num_computed_tokens // self.block_size
         if first >= limit:
@@ -241,6 +251,7 @@ class _SchedulerSide:
             if st is not None and st.block_ids:
                 meta.released.append(st.block_ids[0])
                 st.block_ids = []
+                st.announced = False
         for new in so.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is not None:
@@ -260,11 +271,14 @@ class _SchedulerSide:
         return meta
 
     def _plan(self, st: _Request, end_tokens: int, meta: KVSwapMetadata) -> None:
+        if self.options.sparse:
+            self._plan_sparse(st, meta)
+            return
         if st.load is not None:
             first, n = st.load
             meta.loads += [(st.block_ids[first + i], st.hashes[first + i]) for i in range(n)]
             st.load = None
-        if self.options.sparse or not self._cacheable(st.request):
+        if not self._cacheable(st.request):
             return
         full = min(end_tokens, len(st.request.all_token_ids), len(st.block_ids) * self.block_size) // self.block_size
         if not self.options.save_decode:
@@ -285,10 +299,27 @@ class _SchedulerSide:
             self.stored.add(hashes[i])
         st.handled = full
 
+    def _plan_sparse(self, st: _Request, meta: KVSwapMetadata) -> None:
+        """KVSwap decoding: the worker keeps the KV itself, so a stored prefix is adopted by the
+        request's sequence (no copy into vLLM's blocks), and its prompt blocks are announced so
+        that its files can serve later requests."""
+        if not st.block_ids:
+            return
+        key = st.block_ids[0]
+        if st.load is not None:
+            n = st.load[1]
+            meta.adopt.append((key, st.block_ids[:n], st.hashes[:n]))
+            st.load = None
+        if not st.announced and self.sparse_prefixes and self._cacheable(st.request):
+            meta.prompt_hashes[key] = st.hashes_upto(st.request.num_prompt_tokens // self.block_size, self.block_size)
+            st.announced = True
+
     def finished(self, req_id: str) -> None:
         st = self._reqs.pop(req_id, None)
         if st is not None and st.block_ids:
             self._released.append(st.block_ids[0])
+        if st is not None and st.announced:  # its prompt's files stay: later requests may adopt them
+            self.stored.update(st.hashes[:st.request.num_prompt_tokens // self.block_size])
 
 
 class _WorkerSide:
@@ -344,6 +375,9 @@ class _WorkerSide:
     def start_loads(self, meta: KVSwapMetadata) -> None:
         if self._report_lookups:
             self._count(blocks_queried=meta.blocks_queried, blocks_hit=meta.blocks_hit)
+        if self.sparse is not None:
+            self.sparse.start_step(meta)
+            return
         if not meta.loads or self.store is None:
             return
         self._step_loads = len(meta.loads)
@@ -404,6 +438,8 @@ class _WorkerSide:
     def take_errors(self) -> set[int]:
         with self._lock:
             errors, self._errors = self._errors, set()
+        if self.sparse is not None:
+            errors |= self.sparse.take_errors()
         return errors
 
     def _fail(self, block_ids: list[int]) -> None:

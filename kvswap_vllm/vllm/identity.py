@@ -11,6 +11,7 @@ from pathlib import Path
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.models.fingerprint import model_fingerprint
 from kvswap_vllm.store.config import DTYPES, StoreConfig
+from kvswap_vllm.store.profiles import get_profile
 from kvswap_vllm.vllm.connector_config import ConnectorConfig
 
 log = logging.getLogger("vllm.kvswap")  # under "vllm" so that vLLM's log handlers print it
@@ -58,6 +59,16 @@ class EngineIdentity:
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, group_size=self.block_size,
             dtype=self.dtype, tenant=self.tenant(options, tp_rank, pp_rank),
             capacity_bytes=options.capacity_bytes, direct_io=options.direct_io,
+        )
+
+    def sparse_store_config(self, options: ConnectorConfig) -> StoreConfig:
+        """The disk tier of KVSwap decoding (groups of G tokens, low-rank metadata in the files);
+        one rank only (KVSwap decoding runs with TP = PP = 1)."""
+        return StoreConfig(
+            root=options.root, model_fingerprint=self.model_fingerprint, num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, group_size=options.group_size,
+            dtype=self.dtype, tenant=f"{options.tenant}.kvswap", capacity_bytes=options.capacity_bytes,
+            direct_io=options.direct_io, **get_profile(options.storage_profile).store_settings(),
         )
 
     def all_ranks(self) -> list[tuple[int, int]]:

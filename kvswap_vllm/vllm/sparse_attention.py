@@ -7,7 +7,11 @@ connector runs with a predictor (`kv_connector_extra_config: {"predictor": "kvsw
   the connector maps it lazily, so the logical pool costs no memory);
 - `forward` appends each request's new K/V to its sequence; a prefill chunk attends densely to
   everything so far (read back from the disk tier one layer at a time), a decode token to the
-  groups its own query selects (loaded into the hot tier, reusing resident ones) plus the tail.
+  selected groups (loaded into the hot tier, reusing resident ones) plus the tail.
+Decode reads start early, as in the HF runtime: at layer 0 every later layer re-selects with the
+query it used last (the previous step's, or the last prompt token's); inside the pass, layer L's
+input predicts layer L+1's query (layer_ahead.py, eager mode) and that selection is attended;
+layers 0-1, or all layers of a compiled model, select from their own query.
 A request is recognised by its first block id; its sequence starts when its context is 0
 tokens and is released when the scheduler finishes or preempts it.
 """
@@ -18,7 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +31,10 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.predict.adapter import adapter_for
 from kvswap_vllm.predict.base import ModelShape, SelectionConfig
-from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence
-from kvswap_vllm.store import DiskStore, StoreConfig
-from kvswap_vllm.store.profiles import get_profile
+from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence, Persistence, PrefixRun
+from kvswap_vllm.store import DiskStore
+from kvswap_vllm.store.errors import MissingGroupsError
+from kvswap_vllm.vllm.layer_ahead import LayerAhead
 
 log = logging.getLogger("vllm.kvswap")
 # Where the worker writes its memory peaks when it shuts down (benchmarks set it).
@@ -41,57 +46,148 @@ PREFILL_QUERY_BLOCK = 256
 class SparseRuntime:
     """The worker's KVSwap sequences, keyed by each request's first vLLM block id."""
 
-    def __init__(self, store, shape, config: DiskRuntimeConfig, adapter: object | None) -> None:
+    def __init__(self, store, shape, config: DiskRuntimeConfig, adapter: object | None, block_tokens: int = 0) -> None:
+        """`block_tokens`: vLLM's block size when prompts are kept for later requests (a
+        multiple of G), else 0."""
         self.store, self.shape, self.config, self.adapter = store, shape, config, adapter
+        self.block_tokens = block_tokens
         self._seqs: dict[int, KVSwapSequence] = {}
+        # Requests whose prompt blocks their files keep (announced by the scheduler).
+        self._persist: dict[int, Persistence] = {}
+        # Requests whose stored prefix could not be adopted: vLLM recomputes them (their block
+        # ids go back as load errors); until then their rows are skipped.
+        self._failed: set[int] = set()
+        self._errors: set[int] = set()
+        self.adopted_tokens = 0
+        self._step_view: _StepView | None = None
+        self.layer_ahead: LayerAhead | None = None
         self.steps = 0
+        # Reads per mechanism (step / ahead / own) of the sequences released so far.
+        self.reads: dict[str, dict[str, int]] = {}
         # Peak over steps of what the live sequences hold in memory (hot tier, metadata, tails).
         self.peak = {"kv_memory_bytes": 0, "hot_tier_bytes": 0, "metadata_bytes": 0, "tail_bytes": 0, "sequences": 0}
 
+    def start_step(self, meta: Any) -> None:
+        """Before the forward pass: release finished requests, adopt stored prefixes."""
+        self.release(meta.released)
+        for key, hashes in meta.prompt_hashes.items():
+            self._persist[key] = Persistence(self.block_tokens, hashes)
+        for key, block_ids, hashes in meta.adopt:
+            self._adopt(key, block_ids, hashes)
+
+    def _adopt(self, key: int, block_ids: list[int], hashes: list[bytes]) -> None:
+        try:
+            prefix = self._prefix_runs(hashes)
+            seq = KVSwapSequence(self.store, self.shape, self.config, self.adapter, prefix=prefix,
+                                 persist=self._persist.get(key))
+        except (KVSwapError, OSError, ValueError) as exc:
+            log.warning("kvswap: a stored prefix of %d blocks cannot be used (%s); recomputing it", len(hashes), exc)
+            self._failed.add(key)
+            self._errors.update(block_ids)
+            return
+        old = self._seqs.pop(key, None)
+        if old is not None:
+            old.close()
+        self._seqs[key] = seq
+        self.adopted_tokens += len(hashes) * self.block_tokens
+
+    def _prefix_runs(self, hashes: list[bytes]) -> list[PrefixRun]:
+        """Where the blocks with these (chained) hashes are stored, as runs of groups."""
+        per_block = self.block_tokens // self.config.selection.group_size
+        runs: list[PrefixRun] = []
+        for i, h in enumerate(hashes):
+            loc = self.store.find_block(h)
+            if loc is None or loc[1] != (i + 1) * per_block - 1:
+                raise MissingGroupsError(f"block {i} of the prefix is not in the disk tier")
+            if runs and runs[-1].sequence == loc[0]:
+                runs[-1] = PrefixRun(loc[0], runs[-1].start, (i + 1) * per_block)
+            else:
+                runs.append(PrefixRun(loc[0], i * per_block, (i + 1) * per_block))
+        return runs
+
+    def take_errors(self) -> set[int]:
+        errors, self._errors = self._errors, set()
+        return errors
+
     def release(self, keys: list[int]) -> None:
         for key in keys:
+            self._persist.pop(key, None)
+            self._failed.discard(key)
             seq = self._seqs.pop(key, None)
             if seq is not None:
+                self._count_reads(seq)
                 seq.close()
+
+    def _count_reads(self, seq: KVSwapSequence) -> None:
+        """Fold a finished sequence's reads per mechanism into the runtime's totals."""
+        for source, st in seq.prefetch.stats.as_dict()["by_source"].items():
+            total = self.reads.setdefault(source, dict.fromkeys(st, 0))
+            for k, v in st.items():
+                total[k] += v
 
     def _sequence(self, key: int, context: int, layer: int) -> KVSwapSequence:
         seq = self._seqs.get(key)
         if context == 0 and layer == 0:  # a request's first chunk: a fresh sequence
+            self._failed.discard(key)
             if seq is not None:
                 seq.close()
-            seq = self._seqs[key] = KVSwapSequence(self.store, self.shape, self.config, self.adapter)
+            seq = self._seqs[key] = KVSwapSequence(self.store, self.shape, self.config, self.adapter,
+                                                   persist=self._persist.get(key))
         if seq is None or seq.length(layer) != context:
             raise RuntimeError(f"kvswap: request with first block {key} has {context} tokens of context "
                                f"at layer {layer}, but its KVSwap sequence holds "
                                f"{None if seq is None else seq.length(layer)}")
         return seq
 
+    def _view(self, meta: Any) -> "_StepView":
+        """This step's per-request rows, computed once per step (every layer shares `meta`)."""
+        if self._step_view is None or self._step_view.meta is not meta:
+            self._step_view = _StepView(meta)
+        return self._step_view
+
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               meta: Any, output: torch.Tensor, scale: float, released: list[int] = ()) -> torch.Tensor:
+               meta: Any, output: torch.Tensor, scale: float) -> torch.Tensor:
         """query (T, Hq, D), key/value (T, Hkv, D) for the batch's T new tokens; fills output."""
+        view = self._view(meta)
         if layer == 0:
             self.steps += 1
-            self.release(released)
             self._track_memory()
-        starts = meta.query_start_loc.tolist()
-        seq_lens = meta.seq_lens.tolist()
-        first_blocks = meta.block_table[:, 0].tolist()
+            for key_ in view.decode_keys():  # start every later layer's reads now
+                if key_ in self._seqs:
+                    self._seqs[key_].prefetch_step()
         out = output[:meta.num_actual_tokens].view(-1, self.shape.num_q_heads, self.shape.head_dim)
-        for i in range(len(seq_lens)):
-            s, e = starts[i], starts[i + 1]
-            if e == s:
-                continue
-            context = seq_lens[i] - (e - s)
-            seq = self._sequence(first_blocks[i], context, layer)
+        for s, e, context, first in view.requests:
+            if first in self._failed and context > 0:
+                continue  # vLLM discards this step of the request and recomputes its prefix
+            seq = self._sequence(first, context, layer)
             q, k, v = query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
             if e - s == 1 and context > 0:
                 kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
                 o = F.scaled_dot_product_attention(q, kk, vv, scale=scale, enable_gqa=True)
             else:
-                kk, vv = seq.prefill_kv(layer, k, v)
+                kk, vv = seq.prefill_kv(layer, k, v, last_query=q[:, -1])
                 o = _causal_attention(q, kk, vv, context, scale)
             out[s:e] = o.transpose(0, 1)
         return output
+
+    def submit_ahead(self, layer: int, layer_name: str, predict: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Layer-ahead: `predict(rows)` gives `layer`'s predicted queries (rows, Hq, D) for the
+        given rows of the step's tokens; each decoding request submits its selection."""
+        if active_runtime() is None:
+            return
+        from vllm.forward_context import get_forward_context
+
+        metas = get_forward_context().attn_metadata
+        meta = metas.get(layer_name) if isinstance(metas, dict) else None
+        if meta is None:
+            return
+        view = self._view(meta)
+        rows = [(row, key) for row, key in zip(view.decode_rows(), view.decode_keys()) if key in self._seqs]
+        if not rows:
+            return
+        queries = predict(torch.tensor([r for r, _ in rows]))
+        for q, (_, key) in zip(queries, rows):
+            self._seqs[key].submit(layer, q, ahead=True)
 
     def _track_memory(self) -> None:
         now = {"hot_tier_bytes": sum(s.hot.nbytes for s in self._seqs.values()),
@@ -103,11 +199,32 @@ class SparseRuntime:
 
     def close(self) -> None:
         self._track_memory()
-        path = os.environ.get(STATS_ENV)
-        if path:  # benchmarks read what the worker process held
-            Path(path).write_text(json.dumps({"peak": self.peak, "steps": self.steps, "store": self.store.stats.as_dict()}))
+        if self.layer_ahead is not None:
+            self.layer_ahead.close()
         self.release(list(self._seqs))
+        path = os.environ.get(STATS_ENV)
+        if path:  # benchmarks read what the worker process held and read
+            Path(path).write_text(json.dumps({"peak": self.peak, "steps": self.steps, "reads": self.reads,
+                                              "adopted_tokens": self.adopted_tokens,
+                                              "store": self.store.stats.as_dict()}))
         self.store.close()
+
+class _StepView:
+    """The step's requests as Python lists: (first row, end row, context tokens, first block)."""
+
+    def __init__(self, meta: Any) -> None:
+        self.meta = meta
+        starts = meta.query_start_loc.tolist()
+        seq_lens = meta.seq_lens.tolist()
+        first_blocks = meta.block_table[:, 0].tolist()
+        self.requests = [(starts[i], starts[i + 1], seq_lens[i] - (starts[i + 1] - starts[i]), first_blocks[i])
+                         for i in range(len(seq_lens)) if starts[i + 1] > starts[i]]
+
+    def decode_rows(self) -> list[int]:
+        return [s for s, e, context, _ in self.requests if e - s == 1 and context > 0]
+
+    def decode_keys(self) -> list[int]:
+        return [first for s, e, context, first in self.requests if e - s == 1 and context > 0]
 
 
 def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> SparseRuntime:
@@ -126,14 +243,25 @@ def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> Spars
     budget = mc.max_model_len if options.predictor == "dense" else options.budget_tokens
     selection = SelectionConfig(budget_tokens=budget, group_size=options.group_size)
     adapter = adapter_for(options.predictor, identity.model_fingerprint, shape.head_dim)
-    store = DiskStore(StoreConfig(
-        root=options.root, model_fingerprint=identity.model_fingerprint, num_layers=shape.num_layers,
-        num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, group_size=options.group_size,
-        dtype=identity.dtype, tenant=f"{options.tenant}.kvswap", direct_io=options.direct_io,
-        **get_profile(options.storage_profile).store_settings()))
+    store = DiskStore(identity.sparse_store_config(options))
+    block_tokens = identity.block_size if identity.block_size % options.group_size == 0 else 0
     log.info("kvswap: KVSwap decoding in vLLM: predictor %s, M=%d tokens, G=%d, disk tier %s",
              options.predictor, budget, options.group_size, store.config.namespace)
-    return SparseRuntime(store, shape, DiskRuntimeConfig(selection, options.predictor), adapter)
+    runtime = SparseRuntime(store, shape, DiskRuntimeConfig(selection, options.predictor), adapter, block_tokens)
+    if options.predictor == "dense":
+        pass  # everything is selected: nothing to predict
+    elif _eager(vllm_config):
+        runtime.layer_ahead = LayerAhead(runtime, shape.num_layers)
+    else:
+        log.info("kvswap: the model is compiled, so layers select from their own query (exact, but loads "
+                 "wait on the critical path); run with enforce_eager (--enforce-eager) for layer-ahead prefetch")
+    return runtime
+
+
+def _eager(vllm_config: Any) -> bool:
+    from vllm.config import CompilationMode
+
+    return vllm_config.model_config.enforce_eager or vllm_config.compilation_config.mode == CompilationMode.NONE
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
@@ -181,7 +309,7 @@ class KVSwapCPUAttentionImpl(CPUAttentionBackendImpl):
         n = attn_metadata.num_actual_tokens
         with torch.inference_mode():
             return runtime.attend(extract_layer_index(layer.layer_name), query[:n], key[:n], value[:n],
-                                  attn_metadata, output, self.scale, meta.released)
+                                  attn_metadata, output, self.scale)
 
     def _decoder(self) -> bool:
         from vllm.v1.attention.backend import AttentionType
