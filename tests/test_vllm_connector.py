@@ -300,3 +300,41 @@ def test_a_full_disk_stops_saving_and_serving_goes_on(tmp_path: Path, caplog: py
         data = workers[0][0].take_stats().data
         assert data["save_errors"] > 0 and data["blocks_saved"] > 0
         assert sum("disk full" in r.getMessage().lower() for r in caplog.records) <= 2  # once per rank
+
+
+def test_kvswap_decoding_announces_prompts_and_adopts_them_after_a_restart(tmp_path: Path) -> None:
+    """Scheduler side of KVSwap decoding: a new request's prompt hashes go to the worker (whose
+    sequence stores them in its files); after a restart a new scheduler finds them in the files
+    and the next request with that prompt adopts the stored blocks instead of prefilling them."""
+    from kvswap_vllm.predict.base import ModelShape, SelectionConfig
+    from kvswap_vllm.runtime.sequence import DiskRuntimeConfig
+    from kvswap_vllm.store import DiskStore
+    from kvswap_vllm.vllm.sparse_attention import SparseRuntime
+
+    options = ConnectorConfig(kv_dir=str(tmp_path), predictor="dense", group_size=4)
+    identity = EngineIdentity(FP, "float32", BS, HEADS, DIM, LAYERS)
+    tokens = list(range(100, 114))  # 3 full blocks + 2 tokens
+    sched = _SchedulerSide(options, identity)
+    hit, meta = _schedule(sched, FakeRequest("a", tokens), [1, 2, 3, 4])
+    assert hit == 0 and not meta.adopt and not meta.saves and not meta.loads
+    assert list(meta.prompt_hashes) == [1] and len(meta.prompt_hashes[1]) == 3
+
+    shape = ModelShape(LAYERS, HEADS, HEADS, DIM)
+    with DiskStore(identity.sparse_store_config(options)) as store:  # the worker runs the prompt
+        rt = SparseRuntime(store, shape, DiskRuntimeConfig(SelectionConfig(64, 4), "dense"), None, block_tokens=BS)
+        rt.start_step(meta)
+        x = torch.randn(len(tokens), HEADS, DIM)
+        attn = SimpleNamespace(query_start_loc=torch.tensor([0, 14]), seq_lens=torch.tensor([14]),
+                                   block_table=torch.tensor([[1, 2, 3, 4]]), num_actual_tokens=14)
+        for layer in range(LAYERS):
+            rt.attend(layer, x, x, x, attn, torch.zeros(14, HEADS * DIM), scale=0.3)
+        rt.close()  # the request's files stay: its prompt was announced
+    sched.finished("a")
+
+    restarted = _SchedulerSide(options, identity)
+    assert restarted.stored == set(meta.prompt_hashes[1])
+    hit, meta2 = _schedule(restarted, FakeRequest("b", tokens), [9, 10, 11, 12])
+    assert hit == 12 and meta2.adopt == [(9, [9, 10, 11], meta.prompt_hashes[1])]
+    # Without a whole number of groups per block, prompts are neither stored nor adopted.
+    odd = _SchedulerSide(ConnectorConfig(kv_dir=str(tmp_path), predictor="dense", group_size=3), identity)
+    assert odd.matched_tokens(FakeRequest("c", tokens), 0) == 0

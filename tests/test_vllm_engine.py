@@ -26,7 +26,7 @@ def test_restart_reuses_the_prefix_and_a_corrupt_block_is_recomputed(default_mod
     result = measure(default_model, prompt_tokens=1500, max_new_tokens=16, kv_dir=tmp_path / "kv", corrupt=True)
     runs = result["runs"]
     assert result["outputs_equal_stock"], {k: r["text"] for k, r in runs.items()}
-    assert result["answer_correct"], runs["stock"]["text"]
+    assert all(result["answer_correct"].values()), {k: r["text"] for k, r in runs.items()}
     assert runs["cold"]["cached_tokens"] == 0
     assert result["prefill_tokens_saved_ratio"] >= 0.9, result
     assert runs["corrupt"]["recovered_from_load_failure"], "the damaged block was not detected"

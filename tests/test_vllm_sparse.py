@@ -142,6 +142,17 @@ def test_restarted_runtime_adopts_a_stored_prompt_with_its_metadata(tmp_path: Pa
         assert (out == 7.0).all()  # skipped: vLLM recomputes the request from its first block
         assert len(_run(rt, 60, qkv, 0, [37])) == 2  # ... and then it runs as a new request
         rt.close()
+    from benchmarks.prefix_restart import corrupt_one_block
+
+    corrupt_one_block(tmp_path)
+    with DiskStore(cfg) as store:  # a damaged group: found when read, then recomputed
+        rt = SparseRuntime(store, SHAPE, config, _adapter(0), block_tokens=8)
+        rt.start_step(_step_meta(adopt=[(70, [70, 71, 72, 73], hashes)]))
+        assert rt.adopted_tokens == 32
+        for layer in range(2):
+            rt.attend(layer, *(t[32:37] for t in qkv), _meta([5], [32], [70]), torch.zeros(5, 32), scale=0.5)
+        assert rt.take_errors() == {70} and 70 not in rt._seqs
+        rt.close()
 
 
 @pytest.mark.slow
@@ -210,3 +221,20 @@ def test_serve_with_kvswap_decoding_answers_concurrent_long_chats(default_model:
         growth = peak[0] - idle
         print(f"server RSS idle {idle / 2**20:.0f} MB, peak {peak[0] / 2**20:.0f} MB, growth {growth / 2**20:.0f} MB; "
               f"dense KV of the batch {dense_kv / 2**20:.0f} MB")
+
+
+@pytest.mark.slow
+def test_engine_restart_decodes_sparsely_over_the_stored_prompt(default_model: Path, tmp_path: Path) -> None:
+    """KVSwap decoding, each run a fresh engine process: the second run adopts the prompt the
+    first one stored (files + low-rank metadata) instead of prefilling it, and decodes the same
+    tokens; after a byte of a stored group is flipped the request is recomputed, same answer."""
+    from benchmarks.prefix_restart import measure
+
+    result = measure(default_model, prompt_tokens=1500, max_new_tokens=16, kv_dir=tmp_path / "kv", corrupt=True,
+                     connector_options={"predictor": "kvswap", "budget_tokens": 400})
+    runs = result["runs"]
+    assert result["outputs_equal_cold"], {k: r["text"] for k, r in runs.items()}
+    assert all(result["answer_correct"].values()), {k: r["text"] for k, r in runs.items()}
+    assert runs["cold"]["cached_tokens"] == 0
+    assert result["prefill_tokens_saved_ratio"] >= 0.9, result
+    assert runs["corrupt"]["recovered_from_load_failure"] and not runs["warm"]["recovered_from_load_failure"]

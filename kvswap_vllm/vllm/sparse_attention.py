@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ from kvswap_vllm.vllm.layer_ahead import LayerAhead
 log = logging.getLogger("vllm.kvswap")
 # Where the worker writes its memory peaks when it shuts down (benchmarks set it).
 STATS_ENV = "KVSWAP_STATS_FILE"
+STATS_INTERVAL_S = 2.0
 # Query rows per dense prefill attention call: bounds the score matrix (rows x context x heads).
 PREFILL_QUERY_BLOCK = 256
 
@@ -59,6 +61,7 @@ class SparseRuntime:
         self._failed: set[int] = set()
         self._errors: set[int] = set()
         self.adopted_tokens = 0
+        self._stats_written = time.monotonic()
         self._step_view: _StepView | None = None
         self.layer_ahead: LayerAhead | None = None
         self.steps = 0
@@ -158,17 +161,35 @@ class SparseRuntime:
         out = output[:meta.num_actual_tokens].view(-1, self.shape.num_q_heads, self.shape.head_dim)
         for s, e, context, first in view.requests:
             if first in self._failed and context > 0:
-                continue  # vLLM discards this step of the request and recomputes its prefix
+                continue  # vLLM discards this step of the request and recomputes it
             seq = self._sequence(first, context, layer)
             q, k, v = query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
-            if e - s == 1 and context > 0:
-                kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
-                o = F.scaled_dot_product_attention(q, kk, vv, scale=scale, enable_gqa=True)
-            else:
-                kk, vv = seq.prefill_kv(layer, k, v, last_query=q[:, -1])
-                o = _causal_attention(q, kk, vv, context, scale)
+            try:
+                if e - s == 1 and context > 0:
+                    kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
+                    o = F.scaled_dot_product_attention(q, kk, vv, scale=scale, enable_gqa=True)
+                else:
+                    kk, vv = seq.prefill_kv(layer, k, v, last_query=q[:, -1])
+                    o = _causal_attention(q, kk, vv, context, scale)
+            except (KVSwapError, OSError, RuntimeError) as exc:
+                self._fail(first, context, exc)
+                continue
             out[s:e] = o.transpose(0, 1)
         return output
+
+    def _fail(self, key: int, context: int, exc: BaseException) -> None:
+        """The disk tier lost part of a request's KV (a damaged or evicted file, an I/O error):
+        vLLM recomputes the request from its first block, which it reads as a load error. A
+        request with no context yet has nothing to recompute from: that error is raised."""
+        seq = self._seqs.pop(key, None)
+        if seq is not None:
+            seq.close()
+        if context == 0:
+            raise KVSwapError(f"kvswap: cannot keep a new request's KV in the disk tier ({exc}); free disk "
+                              "space or raise capacity_gb") from exc
+        log.warning("kvswap: a request lost KV from the disk tier (%s); vLLM recomputes it", exc)
+        self._failed.add(key)
+        self._errors.add(key)
 
     def submit_ahead(self, layer: int, layer_name: str, predict: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Layer-ahead: `predict(rows)` gives `layer`'s predicted queries (rows, Hq, D) for the
@@ -196,17 +217,27 @@ class SparseRuntime:
         now["kv_memory_bytes"] = now["hot_tier_bytes"] + now["metadata_bytes"] + now["tail_bytes"]
         for k, v in now.items():
             self.peak[k] = max(self.peak[k], v)
+        if time.monotonic() - self._stats_written > STATS_INTERVAL_S:
+            self.write_stats()
+
+    def write_stats(self) -> None:
+        """Write peaks and read counters to $KVSWAP_STATS_FILE (benchmarks read them; a server
+        killed with a signal may never close the runtime, so this also runs every few seconds)."""
+        path = os.environ.get(STATS_ENV)
+        if path:
+            self._stats_written = time.monotonic()
+            data = {"peak": self.peak, "steps": self.steps, "reads": self.reads, "adopted_tokens": self.adopted_tokens,
+                    "store": self.store.stats.as_dict()}
+            tmp = Path(f"{path}.tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(path)
 
     def close(self) -> None:
         self._track_memory()
         if self.layer_ahead is not None:
             self.layer_ahead.close()
         self.release(list(self._seqs))
-        path = os.environ.get(STATS_ENV)
-        if path:  # benchmarks read what the worker process held and read
-            Path(path).write_text(json.dumps({"peak": self.peak, "steps": self.steps, "reads": self.reads,
-                                              "adopted_tokens": self.adopted_tokens,
-                                              "store": self.store.stats.as_dict()}))
+        self.write_stats()
         self.store.close()
 
 class _StepView:
