@@ -85,3 +85,36 @@ class ResourceMeter:
             self._io_start.setdefault(proc.pid, counters if baseline else (0, 0))
             self._io_last[proc.pid] = counters
         self._peak_rss = max(self._peak_rss, rss)
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _libc():  # noqa: ANN202
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def return_freed_memory_promptly(mmap_threshold: int = 256 << 10) -> bool:
+    """Make freed memory go back to the OS (glibc). By default glibc raises its mmap threshold
+    after each large free (up to 32 MiB), so a prefill's large transient tensors then come from
+    the heap, which seldom shrinks: a long-running server keeps every past peak as RSS. A fixed
+    threshold gives allocations of `mmap_threshold` bytes and more their own mappings, unmapped
+    when freed. False where this is not glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20))
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (after requests end)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

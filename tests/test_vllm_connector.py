@@ -338,3 +338,16 @@ def test_kvswap_decoding_announces_prompts_and_adopts_them_after_a_restart(tmp_p
     # Without a whole number of groups per block, prompts are neither stored nor adopted.
     odd = _SchedulerSide(ConnectorConfig(kv_dir=str(tmp_path), predictor="dense", group_size=3), identity)
     assert odd.matched_tokens(FakeRequest("c", tokens), 0) == 0
+
+
+def test_hot_tier_memory_budget_decides_m() -> None:
+    """hot_tier_mb bounds the hot tier of all running requests: M = budget / (requests x one
+    token's KV over all layers + a staging layer), in whole groups; too small is refused."""
+    cfg = ConnectorConfig(predictor="kvswap", hot_tier_mb=64)
+    m = cfg.tokens_per_layer(token_bytes=1536, num_layers=30, max_num_seqs=8)
+    assert m == 176 and m * 1536 * 31 * 8 <= 64 << 20 < (m + 4) * 1536 * 31 * 8
+    assert ConnectorConfig(predictor="kvswap", budget_tokens=400).tokens_per_layer(1536, 30, 8) == 400
+    with pytest.raises(KVSwapError, match="less than one group"):
+        ConnectorConfig(predictor="kvswap", hot_tier_mb=0.1).tokens_per_layer(1536, 30, 8)
+    with pytest.raises(KVSwapError, match="hot_tier_mb must be a positive number"):
+        ConnectorConfig(hot_tier_mb=-1)

@@ -40,6 +40,11 @@ class ConnectorConfig:
     predictor: str | None = None
     budget_tokens: int = 400
     group_size: int = 4
+    # Memory of the hot tier of all running requests together, MiB; when set, it decides M
+    # (budget_tokens is then ignored): M = hot_tier_mb / (max_num_seqs x one token's KV over all
+    # layers, + one staging layer), in whole groups. The worker refuses to start if that is
+    # less than one group.
+    hot_tier_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.capacity_gb is not None and (not _is_number(self.capacity_gb) or self.capacity_gb <= 0):
@@ -48,6 +53,8 @@ class ConnectorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise KVSwapError(f"kvswap connector: {name} must be a positive integer, got {value!r}")
+        if self.hot_tier_mb is not None and (not _is_number(self.hot_tier_mb) or self.hot_tier_mb <= 0):
+            raise KVSwapError(f"kvswap connector: hot_tier_mb must be a positive number, got {self.hot_tier_mb!r}")
         if self.predictor == "none":
             object.__setattr__(self, "predictor", None)
         if self.predictor is not None and self.predictor not in PREDICTORS:
@@ -76,6 +83,20 @@ class ConnectorConfig:
     def sparse(self) -> bool:
         """KVSwap decoding inside vLLM is on."""
         return self.predictor is not None
+
+    def tokens_per_layer(self, token_bytes: int, num_layers: int, max_num_seqs: int) -> int:
+        """M: `budget_tokens`, or what `hot_tier_mb` affords each of `max_num_seqs` requests
+        (`token_bytes`: K+V of one token in one layer; the hot tier holds M tokens per layer,
+        plus one layer's staging buffer)."""
+        if self.hot_tier_mb is None:
+            return self.budget_tokens
+        per_token = token_bytes * (num_layers + 1) * max_num_seqs
+        m = int(self.hot_tier_mb * (1 << 20)) // per_token // self.group_size * self.group_size
+        if m < self.group_size:
+            raise KVSwapError(f"kvswap connector: hot_tier_mb={self.hot_tier_mb} holds less than one group of "
+                              f"{self.group_size} tokens per layer for {max_num_seqs} requests; need at least "
+                              f"{per_token * self.group_size / (1 << 20):.1f} MiB, or lower --max-num-seqs")
+        return m
 
     @property
     def root(self) -> Path:

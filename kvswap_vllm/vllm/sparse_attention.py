@@ -32,6 +32,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.predict.adapter import adapter_for
 from kvswap_vllm.predict.base import ModelShape, SelectionConfig
+from kvswap_vllm.resources import return_freed_memory_promptly, trim_heap
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence, Persistence, PrefixRun
 from kvswap_vllm.store import DiskStore
 from kvswap_vllm.store.errors import MissingGroupsError
@@ -113,6 +114,7 @@ class SparseRuntime:
         return errors
 
     def release(self, keys: list[int]) -> None:
+        closed = False
         for key in keys:
             self._persist.pop(key, None)
             self._failed.discard(key)
@@ -120,6 +122,9 @@ class SparseRuntime:
             if seq is not None:
                 self._count_reads(seq)
                 seq.close()
+                closed = True
+        if closed:
+            trim_heap()  # what the finished requests held goes back to the OS now
 
     def _count_reads(self, seq: KVSwapSequence) -> None:
         """Fold a finished sequence's reads per mechanism into the runtime's totals."""
@@ -271,9 +276,13 @@ def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> Spars
     mc = vllm_config.model_config
     shape = ModelShape(identity.num_layers, mc.get_num_attention_heads(vllm_config.parallel_config),
                        identity.num_kv_heads, identity.head_dim)
-    budget = mc.max_model_len if options.predictor == "dense" else options.budget_tokens
+    token_bytes = shape.num_kv_heads * shape.head_dim * 2 * torch.tensor([], dtype=getattr(torch, identity.dtype)).element_size()
+    budget = mc.max_model_len if options.predictor == "dense" else options.tokens_per_layer(
+        token_bytes, shape.num_layers, vllm_config.scheduler_config.max_num_seqs)
     selection = SelectionConfig(budget_tokens=budget, group_size=options.group_size)
     adapter = adapter_for(options.predictor, identity.model_fingerprint, shape.head_dim)
+    if not return_freed_memory_promptly():
+        log.info("kvswap: not glibc: freed memory may stay resident after large transient tensors")
     store = DiskStore(identity.sparse_store_config(options))
     block_tokens = identity.block_size if identity.block_size % options.group_size == 0 else 0
     log.info("kvswap: KVSwap decoding in vLLM: predictor %s, M=%d tokens, G=%d, disk tier %s",
