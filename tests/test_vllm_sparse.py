@@ -27,6 +27,10 @@ def _meta(lens: list[int], ctx: list[int], first_blocks: list[int]) -> SimpleNam
                            block_table=torch.tensor([[b, 0] for b in first_blocks]), num_actual_tokens=starts[-1])
 
 
+def _step_meta(**kw) -> SimpleNamespace:
+    return SimpleNamespace(**{"released": [], "prompt_hashes": {}, "adopt": [], **kw})
+
+
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
     """Plain causal attention of queries at positions offset.. over all keys; (T, Hq, D)."""
     t, n = q.shape[0], k.shape[0]
@@ -40,21 +44,23 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -
 def test_runtime_with_full_budget_equals_plain_attention(tmp_path: Path, chunk: int) -> None:
     """Two requests of different lengths, chunked prefill then decode steps in one batch, KV in a
     real disk tier: every output equals plain causal attention over all tokens."""
-    cfg = StoreConfig(root=tmp_path, model_fingerprint="ab" * 16, num_layers=2, num_kv_heads=2, head_dim=8,
+    cfg = StoreConfig(root=tmp_path, model_fingerprint="ab" * 16, num_layers=3, num_kv_heads=2, head_dim=8,
                       group_size=4)
+    shape = ModelShape(num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=8)  # layer 2 reads early
     gen = torch.Generator().manual_seed(0)
     lengths = {11: 37, 22: 20}  # first block id -> prompt length
     total = {b: n + 5 for b, n in lengths.items()}
     qkv = {b: [torch.randn(total[b], h, 8, generator=gen) for h in (4, 2, 2)] for b in lengths}
     with DiskStore(cfg) as store:
-        rt = SparseRuntime(store, SHAPE, DiskRuntimeConfig(SelectionConfig(4096, 4), "dense", flush_groups=2), None)
+        rt = SparseRuntime(store, shape, DiskRuntimeConfig(SelectionConfig(4096, 4), "dense", flush_groups=2), None)
         done = dict.fromkeys(lengths, 0)
         while any(done[b] < total[b] for b in lengths):
             batch = [b for b in lengths if done[b] < total[b]]
             # Prompts in chunks; then one token per step.
             n = {b: (min(chunk, lengths[b] - done[b]) if done[b] < lengths[b] else 1) for b in batch}
             meta = _meta([n[b] for b in batch], [done[b] for b in batch], batch)
-            for layer in range(2):
+            rt.start_step(_step_meta(), {"model.layers.0.self_attn.attn": meta})  # early reads
+            for layer in range(3):
                 q, k, v = (torch.cat([qkv[b][j][done[b]:done[b] + n[b]] for b in batch]) for j in range(3))
                 out = torch.zeros(q.shape[0], 4 * 8)
                 rt.attend(layer, q, k, v, meta, out, scale=0.5)
@@ -70,6 +76,7 @@ def test_runtime_with_full_budget_equals_plain_attention(tmp_path: Path, chunk: 
         # The prompt's 5 full groups went to disk during prefill; 5 decode tokens stay in the tail
         # (it goes to disk at flush_groups * G = 8 tokens).
         assert store.num_groups(rt._seqs[22].name, 0) == 5 and 11 not in rt._seqs
+        assert rt._seqs[22].prefetch.stats.by_source["step"].loads > 0
         rt.close()
 
 
@@ -89,10 +96,6 @@ def _adapter(seed: int):
     bases = [_bases(torch.randn(128, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g), 8) for _ in range(2)]
     return LowRankAdapter("ab" * 16, SHAPE.num_kv_heads, SHAPE.head_dim, 8, tuple(b[0] for b in bases),
                           tuple(b[1] for b in bases))
-
-
-def _step_meta(**kw) -> SimpleNamespace:
-    return SimpleNamespace(**{"released": [], "prompt_hashes": {}, "adopt": [], **kw})
 
 
 def _run(rt: SparseRuntime, key: int, qkv: list[torch.Tensor], start: int, steps: list[int]) -> list[torch.Tensor]:

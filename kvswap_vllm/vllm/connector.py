@@ -124,7 +124,7 @@ class KVSwapConnector(KVConnectorBase_V1):
         self._worker.register(kv_caches)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        self._worker.start_loads(self._get_connector_metadata())
+        self._worker.start_loads(self._get_connector_metadata(), getattr(forward_context, "attn_metadata", None))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_layer(layer_name)
@@ -372,11 +372,11 @@ class _WorkerSide:
                  len(kv_caches), self.store.config.namespace)
 
     # ----- loads --------------------------------------------------------------------------
-    def start_loads(self, meta: KVSwapMetadata) -> None:
+    def start_loads(self, meta: KVSwapMetadata, attn_metadata: Any = None) -> None:
         if self._report_lookups:
             self._count(blocks_queried=meta.blocks_queried, blocks_hit=meta.blocks_hit)
         if self.sparse is not None:
-            self.sparse.start_step(meta)
+            self.sparse.start_step(meta, attn_metadata)
             return
         if not meta.loads or self.store is None:
             return

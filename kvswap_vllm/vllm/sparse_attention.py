@@ -8,12 +8,14 @@ connector runs with a predictor (`kv_connector_extra_config: {"predictor": "kvsw
 - `forward` appends each request's new K/V to its sequence; a prefill chunk attends densely to
   everything so far (read back from the disk tier one layer at a time), a decode token to the
   selected groups (loaded into the hot tier, reusing resident ones) plus the tail.
-Decode reads start early, as in the HF runtime: at layer 0 every later layer re-selects with the
-query it used last (the previous step's, or the last prompt token's); inside the pass, layer L's
-input predicts layer L+1's query (layer_ahead.py, eager mode) and that selection is attended;
-layers 0-1, or all layers of a compiled model, select from their own query.
+Decode reads start early: before the forward pass (the connector's start_load_kv) every layer
+>= 2 re-selects with the query it used last (the previous step's, or the last prompt token's)
+and starts its reads; inside the pass, layer L's input predicts layer L+1's query
+(layer_ahead.py, eager mode) and that selection is attended; layers 0-1, or all layers of a
+compiled model, select from their own query.
 A request is recognised by its first block id; its sequence starts when its context is 0
-tokens and is released when the scheduler finishes or preempts it.
+tokens, or adopts a stored prompt (files + low-rank metadata, announced by the scheduler), and
+is released when the scheduler finishes or preempts it.
 """
 
 from __future__ import annotations
@@ -71,13 +73,20 @@ class SparseRuntime:
         # Peak over steps of what the live sequences hold in memory (hot tier, metadata, tails).
         self.peak = {"kv_memory_bytes": 0, "hot_tier_bytes": 0, "metadata_bytes": 0, "tail_bytes": 0, "sequences": 0}
 
-    def start_step(self, meta: Any) -> None:
-        """Before the forward pass: release finished requests, adopt stored prefixes."""
+    def start_step(self, meta: Any, attn_metadata: Any = None) -> None:
+        """Before the forward pass: release finished requests, adopt stored prefixes, and start
+        every decoding request's early reads (`attn_metadata`: the step's, from vLLM's forward
+        context: a dict of layer name -> metadata)."""
         self.release(meta.released)
         for key, hashes in meta.prompt_hashes.items():
             self._persist[key] = Persistence(self.block_tokens, hashes)
         for key, block_ids, hashes in meta.adopt:
             self._adopt(key, block_ids, hashes)
+        attn = next(iter(attn_metadata.values()), None) if isinstance(attn_metadata, dict) else None
+        if attn is not None:
+            for key in self._view(attn).decode_keys():
+                if key in self._seqs:
+                    self._seqs[key].prefetch_step()
 
     def _adopt(self, key: int, block_ids: list[int], hashes: list[bytes]) -> None:
         try:
@@ -160,9 +169,6 @@ class SparseRuntime:
         if layer == 0:
             self.steps += 1
             self._track_memory()
-            for key_ in view.decode_keys():  # start every later layer's reads now
-                if key_ in self._seqs:
-                    self._seqs[key_].prefetch_step()
         out = output[:meta.num_actual_tokens].view(-1, self.shape.num_q_heads, self.shape.head_dim)
         for s, e, context, first in view.requests:
             if first in self._failed and context > 0:
