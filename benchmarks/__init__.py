@@ -13,3 +13,10 @@ def write_json(result: dict, out: Path | None) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     return text
+
+
+def kv_bytes_per_token(model: Path) -> int:
+    """K+V bytes of one token over all layers, fp32, from the checkpoint's config."""
+    cfg = json.loads((model / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * 4

@@ -26,18 +26,12 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks import write_json
+from benchmarks import kv_bytes_per_token, write_json
 from benchmarks.server import chat, free_port, running_server
 from kvswap_vllm.demo_document import build_document, entries_for_tokens
 from kvswap_vllm.models.prepare import default_model_path
 
 KINDS = ("RssAnon", "RssFile", "RssShmem")
-
-
-def _bytes_per_token(model: Path) -> int:
-    cfg = json.loads((model / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * 4  # K+V, fp32
 
 
 def memory_by_process(pid: int) -> dict[str, dict[str, int]]:
@@ -64,8 +58,8 @@ def run_system(model: Path, system: str, chats: int, context: int, budget_tokens
     docs = [build_document(num_entries=entries_for_tokens(context), depth=(i + 0.5) / chats, seed=300 + i)
             for i in range(chats)]
     stats_path = tmp / f"{system}-stats.json"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(max(1, chats * (context + 512) * _bytes_per_token(model) // 2**30 + 1)),
-               KVSWAP_STATS_FILE=str(stats_path))
+    pool_gib = chats * (context + 512) * kv_bytes_per_token(model) // 2**30 + 1  # dense KV of the chats
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(pool_gib), KVSWAP_STATS_FILE=str(stats_path))
     common = ["--host", "127.0.0.1", "--port", str(free_port()), "--dtype", "float32", "--max-model-len",
               str(context + 512), "--enforce-eager", "--max-num-seqs", str(chats)]
     if system == "kvswap":
@@ -104,7 +98,7 @@ def run_system(model: Path, system: str, chats: int, context: int, budget_tokens
             raise RuntimeError("the kvswap worker wrote no statistics")
         kv = stats["peak"]["kv_memory_bytes"]
     else:
-        kv = chats * (context + max_new) * _bytes_per_token(model)
+        kv = chats * (context + max_new) * kv_bytes_per_token(model)
     growth = {name: {k: round((v - idle.get(name, {}).get(k, 0)) / 2**20, 1) for k, v in kinds.items()}
               for name, kinds in peak[0].items()}
     idle_mb, peak_mb = _total(idle) / 2**20, _total(peak[0]) / 2**20
@@ -112,7 +106,7 @@ def run_system(model: Path, system: str, chats: int, context: int, budget_tokens
             "passkeys_correct": sum(d.is_correct(a) for d, a in zip(docs, answers)),
             "idle_rss_mb": round(idle_mb, 1), "peak_rss_mb": round(peak_mb, 1),
             "rss_growth_mb": round(peak_mb - idle_mb, 1), "after_rss_mb": round(_total(after) / 2**20, 1),
-            "kv_memory_mb": round(kv / 2**20, 1), "dense_kv_mb": round(chats * context * _bytes_per_token(model) / 2**20, 1),
+            "kv_memory_mb": round(kv / 2**20, 1), "dense_kv_mb": round(chats * context * kv_bytes_per_token(model) / 2**20, 1),
             "within_budget": peak_mb <= (idle_mb + kv / 2**20) * 1.1,
             "growth_by_process_mb": growth, "worker_stats": stats}
 

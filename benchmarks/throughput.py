@@ -28,16 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import write_json
+from benchmarks import kv_bytes_per_token, write_json
 from kvswap_vllm.demo_document import build_document, entries_for_tokens
 from kvswap_vllm.generation import chat_prompt_ids
 from kvswap_vllm.models.prepare import default_model_path
-
-
-def _bytes_per_token(model: Path) -> int:
-    cfg = json.loads((model / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * 4  # K+V, fp32
 
 
 def _child(spec_path: Path, out_path: Path) -> None:
@@ -98,7 +92,7 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
             for i in range(batch)]
     prompts = [chat_prompt_ids(model, d.prompt()) for d in docs]
     longest = max(len(p) for p in prompts) + max_new_tokens
-    need = batch * (longest + 128) * _bytes_per_token(model)
+    need = batch * (longest + 128) * kv_bytes_per_token(model)
     spec = {"model": str(model), "system": system, "prompts": prompts, "batch": batch, "kv_dir": str(kv_dir),
             "max_new_tokens": max_new_tokens, "budget_tokens": budget_tokens,
             "max_model_len": longest + 128, "pool_gib": max(1, math.ceil(need * 1.1 / 2**30))}
@@ -117,7 +111,7 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
             raise RuntimeError("the kvswap worker wrote no memory statistics")
         kv_memory = stats["peak"]["kv_memory_bytes"]
     else:
-        kv_memory = sum(len(p) + max_new_tokens for p in prompts) * _bytes_per_token(model)
+        kv_memory = sum(len(p) + max_new_tokens for p in prompts) * kv_bytes_per_token(model)
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     return {
         "system": system, "engine": "vllm", "context": round(sum(map(len, prompts)) / batch), "batch": batch,
