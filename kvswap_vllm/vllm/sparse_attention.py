@@ -8,11 +8,12 @@ connector runs with a predictor (`kv_connector_extra_config: {"predictor": "kvsw
 - `forward` appends each request's new K/V to its sequence; a prefill chunk attends densely to
   everything so far (read back from the disk tier one layer at a time), a decode token to the
   selected groups (loaded into the hot tier, reusing resident ones) plus the tail.
-Decode reads start early: before the forward pass (the connector's start_load_kv) every layer
->= 2 re-selects with the query it used last (the previous step's, or the last prompt token's)
-and starts its reads; inside the pass, layer L's input predicts layer L+1's query
-(layer_ahead.py, eager mode) and that selection is attended; layers 0-1, or all layers of a
-compiled model, select from their own query.
+Decode reads start early: at the start of the step (the connector's start_load_kv, or layer 0's
+attention when vLLM starts loads after the forward pass) every layer >= 2 re-selects with the
+query it used last (the previous step's, or the last prompt token's) and starts its reads;
+inside the pass, layer L's input predicts layer L+1's query (layer_ahead.py, eager mode) and
+that selection is attended; layers 0-1, or all layers of a compiled model, select from their
+own query.
 A request is recognised by its first block id; its sequence starts when its context is 0
 tokens, or adopts a stored prompt (files + low-rank metadata, announced by the scheduler), and
 is released when the scheduler finishes or preempts it.
@@ -66,6 +67,7 @@ class SparseRuntime:
         self.adopted_tokens = 0
         self._stats_written = time.monotonic()
         self._step_view: _StepView | None = None
+        self._started: Any = None  # the connector metadata of the step start_step last ran for
         self.layer_ahead: LayerAhead | None = None
         self.steps = 0
         # Reads per mechanism (step / ahead / own) of the sequences released so far.
@@ -74,16 +76,21 @@ class SparseRuntime:
         self.peak = {"kv_memory_bytes": 0, "hot_tier_bytes": 0, "metadata_bytes": 0, "tail_bytes": 0, "sequences": 0}
 
     def start_step(self, meta: Any, attn_metadata: Any = None) -> None:
-        """Before the forward pass: release finished requests, adopt stored prefixes, and start
-        every decoding request's early reads (`attn_metadata`: the step's, from vLLM's forward
-        context: a dict of layer name -> metadata)."""
+        """Once per step, before any request is attended: release finished requests, adopt
+        stored prefixes, and start every decoding request's early reads (`attn_metadata`: the
+        step's, a dict of layer name -> metadata, or one metadata). vLLM calls the connector's
+        start_load_kv before the forward pass only for steps with loads (else after it), so
+        layer 0's attention calls this too; the second call of a step does nothing."""
+        if meta is self._started:
+            return
+        self._started = meta
         self.release(meta.released)
         for key, hashes in meta.prompt_hashes.items():
             self._persist[key] = Persistence(self.block_tokens, hashes)
         for key, block_ids, hashes in meta.adopt:
             self._adopt(key, block_ids, hashes)
-        attn = next(iter(attn_metadata.values()), None) if isinstance(attn_metadata, dict) else None
-        if attn is not None:
+        attn = next(iter(attn_metadata.values()), None) if isinstance(attn_metadata, dict) else attn_metadata
+        if attn is not None and hasattr(attn, "query_start_loc"):
             for key in self._view(attn).decode_keys():
                 if key in self._seqs:
                     self._seqs[key].prefetch_step()
@@ -163,10 +170,13 @@ class SparseRuntime:
         return self._step_view
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               meta: Any, output: torch.Tensor, scale: float) -> torch.Tensor:
-        """query (T, Hq, D), key/value (T, Hkv, D) for the batch's T new tokens; fills output."""
+               meta: Any, output: torch.Tensor, scale: float, step: Any = None) -> torch.Tensor:
+        """query (T, Hq, D), key/value (T, Hkv, D) for the batch's T new tokens; fills output.
+        `meta`: the attention metadata; `step`: the connector's metadata of this step."""
         view = self._view(meta)
         if layer == 0:
+            if step is not None:
+                self.start_step(step, meta)
             self.steps += 1
             self._track_memory()
         out = output[:meta.num_actual_tokens].view(-1, self.shape.num_q_heads, self.shape.head_dim)
@@ -355,7 +365,7 @@ class KVSwapCPUAttentionImpl(CPUAttentionBackendImpl):
         n = attn_metadata.num_actual_tokens
         with torch.inference_mode():
             return runtime.attend(extract_layer_index(layer.layer_name), query[:n], key[:n], value[:n],
-                                  attn_metadata, output, self.scale)
+                                  attn_metadata, output, self.scale, meta)
 
     def _decoder(self) -> bool:
         from vllm.v1.attention.backend import AttentionType
