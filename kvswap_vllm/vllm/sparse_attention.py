@@ -91,7 +91,7 @@ class SparseRuntime:
             self._adopt(key, block_ids, hashes)
         attn = next(iter(attn_metadata.values()), None) if isinstance(attn_metadata, dict) else attn_metadata
         if attn is not None and hasattr(attn, "query_start_loc"):
-            for key in self._view(attn).decode_keys():
+            for _, key in self._view(attn).decoding:
                 if key in self._seqs:
                     self._seqs[key].prefetch_step()
 
@@ -105,9 +105,7 @@ class SparseRuntime:
             self._failed.add(key)
             self._errors.update(block_ids)
             return
-        old = self._seqs.pop(key, None)
-        if old is not None:
-            old.close()
+        self._drop(key)
         self._seqs[key] = seq
         self.adopted_tokens += len(hashes) * self.block_tokens
 
@@ -134,13 +132,18 @@ class SparseRuntime:
         for key in keys:
             self._persist.pop(key, None)
             self._failed.discard(key)
-            seq = self._seqs.pop(key, None)
-            if seq is not None:
-                self._count_reads(seq)
-                seq.close()
-                closed = True
+            closed |= self._drop(key)
         if closed:
             trim_heap()  # what the finished requests held goes back to the OS now
+
+    def _drop(self, key: int) -> bool:
+        """Close the request's sequence, if any, counting its reads; True if there was one."""
+        seq = self._seqs.pop(key, None)
+        if seq is None:
+            return False
+        self._count_reads(seq)
+        seq.close()
+        return True
 
     def _count_reads(self, seq: KVSwapSequence) -> None:
         """Fold a finished sequence's reads per mechanism into the runtime's totals."""
@@ -153,8 +156,7 @@ class SparseRuntime:
         seq = self._seqs.get(key)
         if context == 0 and layer == 0:  # a request's first chunk: a fresh sequence
             self._failed.discard(key)
-            if seq is not None:
-                seq.close()
+            self._drop(key)
             seq = self._seqs[key] = KVSwapSequence(self.store, self.shape, self.config, self.adapter,
                                                    persist=self._persist.get(key))
         if seq is None or seq.length(layer) != context:
@@ -202,9 +204,7 @@ class SparseRuntime:
         """The disk tier lost part of a request's KV (a damaged or evicted file, an I/O error):
         vLLM recomputes the request from its first block, which it reads as a load error. A
         request with no context yet has nothing to recompute from: that error is raised."""
-        seq = self._seqs.pop(key, None)
-        if seq is not None:
-            seq.close()
+        self._drop(key)
         if context == 0:
             raise KVSwapError(f"kvswap: cannot keep a new request's KV in the disk tier ({exc}); free disk "
                               "space or raise capacity_gb") from exc
@@ -224,7 +224,7 @@ class SparseRuntime:
         if meta is None:
             return
         view = self._view(meta)
-        rows = [(row, key) for row, key in zip(view.decode_rows(), view.decode_keys()) if key in self._seqs]
+        rows = [(row, key) for row, key in view.decoding if key in self._seqs]
         if not rows:
             return
         queries = predict(torch.tensor([r for r, _ in rows]))
@@ -271,12 +271,8 @@ class _StepView:
         first_blocks = meta.block_table[:, 0].tolist()
         self.requests = [(starts[i], starts[i + 1], seq_lens[i] - (starts[i + 1] - starts[i]), first_blocks[i])
                          for i in range(len(seq_lens)) if starts[i + 1] > starts[i]]
-
-    def decode_rows(self) -> list[int]:
-        return [s for s, e, context, _ in self.requests if e - s == 1 and context > 0]
-
-    def decode_keys(self) -> list[int]:
-        return [first for s, e, context, first in self.requests if e - s == 1 and context > 0]
+        # (row, first block) of each request decoding one token.
+        self.decoding = [(s, first) for s, e, context, first in self.requests if e - s == 1 and context > 0]
 
 
 def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> SparseRuntime:
