@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -88,6 +89,23 @@ def test_long_runs_split_at_max_read_bytes(tmp_path: Path) -> None:
         r = s.read_groups("a", 0, range(5, 50))
         assert r.extents == 5 and r.found.all() and torch.equal(r.kv, kv[5:50])
         assert s.read_groups("a", 0, [*range(0, 12), *range(30, 33)]).extents == 3
+
+
+def test_reads_through_short_gaps_but_verifies_and_returns_only_requested_groups(cfg: StoreConfig) -> None:
+    cfg = dataclasses.replace(cfg, read_gap_bytes=2 * 8192)  # 6 KiB groups in 8 KiB rows: 2 rows
+    kv = groups(40)
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, kv)
+        info = open_segment(files(cfg)[0], cfg)
+        with open(info.path, "r+b") as f:  # damage group 6, which no request below asks for
+            f.seek(info.data_offset + 6 * info.row_bytes + 100)
+            f.write(b"\xff\x00\xff")
+        ids = [5, 8, 30, 2, 34]  # 2..8: gaps of 2 rows; 30 -> 34: a gap of 3 rows is too long
+        r = s.read_groups("a", 0, ids)
+        assert r.extents == 3 and r.found.all()
+        assert all(torch.equal(r.kv[i], kv[g]) for i, g in enumerate(ids))
+        assert s.stats.checksum_failures == 0  # the damaged row was read through, not served
+        assert s.read_groups("a", 0, [6]).found.tolist() == [False] and s.stats.checksum_failures == 1
 
 
 def test_survives_restart_with_block_hashes(cfg: StoreConfig) -> None:
@@ -288,7 +306,8 @@ def test_encrypted_group_moved_elsewhere_fails(tmp_path: Path) -> None:
     "kw, needle",
     [({"num_layers": 0}, "num_layers"), ({"dtype": "int8"}, "dtype"), ({"tenant": "../x"}, "tenant"),
      ({"model_fingerprint": "XYZ"}, "fingerprint"), ({"capacity_bytes": 10}, "capacity"),
-     ({"direct_io": "maybe"}, "direct_io"), ({"encryption_key": b"short"}, "32 bytes")],
+     ({"direct_io": "maybe"}, "direct_io"), ({"encryption_key": b"short"}, "32 bytes"),
+     ({"read_gap_bytes": -1}, "read_gap_bytes")],
 )
 def test_config_validation(tmp_path: Path, kw: dict, needle: str) -> None:
     with pytest.raises(StoreError, match=needle):
@@ -320,6 +339,8 @@ def test_profiles() -> None:
     for prof in PROFILES.values():  # every profile yields a valid store configuration
         cfg = make_cfg(Path("/tmp/unused"), group_size=prof.group_size(bytes_per_token), **prof.store_settings())
         assert cfg.io_threads == min(prof.queue_depth, 16) and cfg.max_read_bytes >= prof.best_request_bytes
+        # a gap is read through when that costs less than one more request's latency
+        assert 0 < cfg.read_gap_bytes <= min(prof.latency_us * prof.read_mb_s, prof.best_request_bytes)
 
 
 def test_throttle_emulates_a_slower_device(tmp_path: Path) -> None:

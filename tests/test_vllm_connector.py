@@ -351,3 +351,11 @@ def test_hot_tier_memory_budget_decides_m() -> None:
         ConnectorConfig(predictor="kvswap", hot_tier_mb=0.1).tokens_per_layer(1536, 30, 8)
     with pytest.raises(KVSwapError, match="hot_tier_mb must be a positive number"):
         ConnectorConfig(hot_tier_mb=-1)
+
+
+def test_decode_reads_use_at_most_half_the_cores() -> None:
+    from kvswap_vllm.vllm.identity import decode_io_threads
+
+    assert decode_io_threads(16, cpus=2) == 1  # this machine: reads never crowd out the forward pass
+    assert decode_io_threads(16, cpus=8) == 4  # e.g. a Jetson Orin
+    assert decode_io_threads(2, cpus=64) == 2  # the device's queue depth still caps it

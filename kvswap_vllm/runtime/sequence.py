@@ -100,6 +100,8 @@ class KVSwapSequence:
         self._submitted: set[int] = set()
         # The query each layer selected with last: the next step's early prefetch reuses it.
         self._query: list[torch.Tensor | None] = [None] * n
+        # Full groups each layer had when it last selected (-1: never selected yet).
+        self._selected_over = [-1] * n
 
     def _import_prefix_metadata(self) -> None:
         for layer in range(self.shape.num_layers):
@@ -168,18 +170,21 @@ class KVSwapSequence:
         """Select `layer`'s groups for `query` (num_q_heads, head_dim), post-RoPE, and start
         loading the ones not resident; this is the selection the layer attends to. `ahead` =
         predicted from the previous layer's input, else the layer's own query."""
+        query = self._query[layer] = query.clone()  # never a view that keeps an engine's batch alive
         self.prefetch.submit(layer, self.predictor.select(layer, query), "ahead" if ahead else "own")
         self._submitted.add(layer)
-        self._query[layer] = query.clone()  # never a view that keeps an engine's batch alive
+        self._selected_over[layer] = self.predictor.num_groups(layer)
 
     def prefetch_step(self) -> None:
         """At the start of a decode step: every layer >= FIRST_AHEAD_LAYER that has selected
         before re-selects with that query and starts its reads now, before the forward pass
-        reaches it; its layer-ahead selection then only reads the difference."""
+        reaches it; its layer-ahead selection then only reads the difference. A layer without a
+        new full group since it selected with that query would get what its hot tier holds: skipped."""
         for layer in range(FIRST_AHEAD_LAYER, self.shape.num_layers):
-            q = self._query[layer]
-            if q is not None and layer not in self._submitted and self.disk_groups[layer]:
+            q, groups = self._query[layer], self.predictor.num_groups(layer)
+            if q is not None and layer not in self._submitted and groups and groups != self._selected_over[layer]:
                 self.prefetch.submit(layer, self.predictor.select(layer, q), "step")
+                self._selected_over[layer] = groups
 
     def decode_tail(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append one step's token(s); returns the whole tail, new tokens included. A tail that is

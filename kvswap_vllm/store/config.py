@@ -41,6 +41,10 @@ class StoreConfig:
     # Longer runs are split into reads of at most this many bytes (at least one group), so
     # that large selections still keep several requests in flight.
     max_read_bytes: int = 512 << 10
+    # Unrequested bytes worth reading between two requested runs to make them one read: a
+    # device whose request latency costs more than reading that gap does one request instead
+    # of two (0 = only adjacent groups are joined).
+    read_gap_bytes: int = 0
     # 32-byte AES-256-GCM key for encryption at rest; None = plaintext.
     encryption_key: bytes | None = field(default=None, repr=False)
 
@@ -52,6 +56,8 @@ class StoreConfig:
                 raise StoreError(f"StoreConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.max_read_bytes, int) or self.max_read_bytes < 4096:
             raise StoreError(f"StoreConfig.max_read_bytes must be an int >= 4096, got {self.max_read_bytes!r}")
+        if not isinstance(self.read_gap_bytes, int) or isinstance(self.read_gap_bytes, bool) or self.read_gap_bytes < 0:
+            raise StoreError(f"StoreConfig.read_gap_bytes must be an int >= 0, got {self.read_gap_bytes!r}")
         if self.dtype not in DTYPES:
             raise StoreError(f"StoreConfig.dtype {self.dtype!r} unsupported; supported: {', '.join(DTYPES)}")
         if not _NAME.match(self.tenant):

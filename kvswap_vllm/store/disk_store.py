@@ -429,11 +429,14 @@ class DiskStore:
         # One task per I/O thread, each reading its share of extents in turn: as many reads in
         # flight as threads, without paying a future per extent.
         lanes = [extents[i::self.config.io_threads] for i in range(min(self.config.io_threads, len(extents)))]
-        futures = [self._pool.submit(self._read_lane, sequence, layer, lane, ids, out_rows, found) for lane in lanes]
         nbytes = 0
         try:
-            for fut in futures:
-                nbytes += fut.result()
+            if len(lanes) == 1:  # one lane is read by the calling thread: no hand-off
+                nbytes = self._read_lane(sequence, layer, lanes[0], ids, out_rows, found)
+            else:
+                futures = [self._pool.submit(self._read_lane, sequence, layer, lane, ids, out_rows, found)
+                           for lane in lanes]
+                nbytes = sum(fut.result() for fut in futures)
         finally:
             with self._lock:
                 for ext in extents:
@@ -464,7 +467,9 @@ class DiskStore:
         if len(gid) == 0:
             return []
         gap = np.diff(gid)
-        joins = (gap == 0) | ((gap == 1) & self.config.coalesce_reads)
+        # Rows between two requested ones that may be read through (gap - 1 of them).
+        through = self.config.read_gap_bytes // self._row_bytes if self.config.coalesce_reads else 0
+        joins = (gap == 0) | ((gap <= through + 1) & self.config.coalesce_reads)
         # Cut long runs every max_read_bytes: a run's k-th chunk starts where (gid - run start)
         # crosses a multiple of the chunk length.
         chunk = max(1, self.config.max_read_bytes // self._row_bytes)
@@ -505,19 +510,23 @@ class DiskStore:
             log.warning("kvswap store: read of %s failed (%s); treating its groups as missing", info.path, exc)
             return 0
         self._touch(ext.seg)
-        crc = [checksum(view[r * rb:(r + 1) * rb]) for r in range(ext.count)]
         expected = info.crc32c[ext.first_row:ext.first_row + ext.count]
-        if ext.out_start >= 0 and self._cipher is None and crc == expected.tolist():
-            # The common case: a run of requested groups, all intact, landing in consecutive rows.
-            rows = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
-            out_rows[ext.out_start:ext.out_start + ext.count].copy_(rows)
-            found[ext.out_start:ext.out_start + ext.count] = True
-            return nread
-        ok = np.asarray(crc, dtype=np.uint32) == expected
+        if ext.out_start >= 0 and self._cipher is None:
+            crc = [checksum(view[r * rb:(r + 1) * rb]) for r in range(ext.count)]
+            if crc == expected.tolist():
+                # The common case: a run of requested groups, all intact, landing in consecutive rows.
+                rows = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
+                out_rows[ext.out_start:ext.out_start + ext.count].copy_(rows)
+                found[ext.out_start:ext.out_start + ext.count] = True
+                return nread
         pos = np.asarray(ext.out_pos)
         rel = np.asarray([ids[p] for p in ext.out_pos]) - info.first_group - ext.first_row
-        for r in np.flatnonzero(~ok):
-            self._count_checksum_failure(info, info.first_group + ext.first_row + int(r))
+        # Only requested rows are verified: a run may read through rows nobody asked for.
+        ok = np.zeros(ext.count, dtype=bool)
+        for r in np.unique(rel).tolist():
+            ok[r] = checksum(view[r * rb:(r + 1) * rb]) == expected[r]
+            if not ok[r]:
+                self._count_checksum_failure(info, info.first_group + ext.first_row + r)
         if self._cipher is not None:
             return self._open_sealed(sequence, layer, info, ext, view, ok, pos, rel, out_rows, found, nread)
         good = ok[rel]

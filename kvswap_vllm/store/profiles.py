@@ -33,10 +33,13 @@ class StorageProfile:
         return g
 
     def store_settings(self) -> dict[str, int]:
-        """StoreConfig fields this device wants: reads in flight and the largest single read."""
+        """StoreConfig fields this device wants: reads in flight, the largest single read, and the
+        gap worth reading through: what the device transfers in one request's latency (reading
+        it costs less than another request), at most one best-sized request."""
         return {
             "io_threads": max(1, min(self.queue_depth, 16)),
             "max_read_bytes": max(256 << 10, min(4 * self.best_request_bytes, 2 << 20)),
+            "read_gap_bytes": int(min(self.latency_us * self.read_mb_s, self.best_request_bytes)),
         }
 
     def throttle(self) -> Throttle:

@@ -190,7 +190,7 @@ class SparseRuntime:
             try:
                 if e - s == 1 and context > 0:
                     kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
-                    o = F.scaled_dot_product_attention(q, kk, vv, scale=scale, enable_gqa=True)
+                    o = _decode_attention(q, kk, vv, scale)
                 else:
                     kk, vv = seq.prefill_kv(layer, k, v, last_query=q[:, -1])
                     o = _causal_attention(q, kk, vv, context, scale)
@@ -314,6 +314,15 @@ def _eager(vllm_config: Any) -> bool:
     from vllm.config import CompilationMode
 
     return vllm_config.model_config.enforce_eager or vllm_config.compilation_config.mode == CompilationMode.NONE
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token: q (Hq, 1, D) against k/v (Hkv, T, D), the query heads of a KV head
+    batched together. (torch's SDPA with enable_gqa takes ~1 ms here on CPU, this ~60 us.)"""
+    hq, hkv = q.shape[0], k.shape[0]
+    qq = q.reshape(hkv, hq // hkv, q.shape[-1])
+    probs = torch.softmax(torch.bmm(qq, k.transpose(1, 2)) * scale, dim=-1)
+    return torch.bmm(probs, v).view(hq, 1, -1)
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
