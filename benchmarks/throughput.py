@@ -1,7 +1,14 @@
-"""Decode throughput and memory: KVSwap inside vLLM against stock vLLM with the full KV in memory.
+"""Decode throughput and memory: KVSwap inside vLLM against stock vLLM with the full KV in memory
+and against the other disk-offload designs, on the same engine and harness.
 
     python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\
-        [--context 7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400]
+        [--context 7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400] \\
+        [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-noprefetch,infinigen,dense-disk]
+
+Systems (SYSTEMS below): `vllm-full` stock vLLM; `kvswap`; `kvswap-noreuse` (every step reads
+its whole selection); `kvswap-noprefetch` (each layer selects from its own query when it runs,
+reads on the critical path); `infinigen` (InfiniGen*-style: the paper's low-rank predictor over
+single tokens, no reuse); `dense-disk` (FlexGen-style: the whole KV read from disk every step).
 
 Each row is one fresh engine process running a batch of `batch` built-in documents of ~context
 tokens (each with its own pass key) to `max-new-tokens` greedy tokens, stepping the engine by
@@ -34,6 +41,19 @@ from kvswap_vllm.generation import chat_prompt_ids
 from kvswap_vllm.models.prepare import default_model_path
 
 
+#: The systems on the KVSwap runtime: connector options on top of kv_dir and budget_tokens.
+#: `vllm-full` is stock vLLM with the whole KV in its paged pool.
+SYSTEMS: dict[str, dict] = {
+    "kvswap": {"predictor": "kvswap"},
+    "kvswap-noreuse": {"predictor": "kvswap", "reuse": False},
+    "kvswap-noprefetch": {"predictor": "kvswap", "prefetch": False},
+    # InfiniGen*-style: the paper's low-rank predictor over single tokens, read every step.
+    "infinigen": {"predictor": "kvswap-paper", "group_size": 1, "reuse": False},
+    # FlexGen-style dense offload: every token of every layer read from disk at every step.
+    "dense-disk": {"predictor": "dense", "reuse": False},
+}
+
+
 def _child(spec_path: Path, out_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec["pool_gib"])
@@ -44,10 +64,9 @@ def _child(spec_path: Path, out_path: Path) -> None:
     from kvswap_vllm.resources import ResourceMeter, tree_rss_bytes
 
     ktc = None
-    if spec["system"] == "kvswap":
-        ktc = {"kv_connector": "kvswap", "kv_role": "kv_both",
-               "kv_connector_extra_config": {"kv_dir": spec["kv_dir"], "predictor": "kvswap",
-                                             "budget_tokens": spec["budget_tokens"]}}
+    if spec["system"] != "vllm-full":
+        extra = {"kv_dir": spec["kv_dir"], "budget_tokens": spec["budget_tokens"], **SYSTEMS[spec["system"]]}
+        ktc = {"kv_connector": "kvswap", "kv_role": "kv_both", "kv_connector_extra_config": extra}
     with ResourceMeter() as meter:
         llm = LLM(model=spec["model"], dtype="float32", max_model_len=spec["max_model_len"], enforce_eager=True,
                   seed=0, disable_log_stats=False, kv_transfer_config=ktc, max_num_seqs=max(8, spec["batch"]))
@@ -106,7 +125,7 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
             raise RuntimeError(f"{system} batch {batch} failed:\n{proc.stderr[-4000:]}")
         out = json.loads(out_path.read_text())
         stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
-    if system == "kvswap":
+    if system != "vllm-full":
         if stats is None:
             raise RuntimeError("the kvswap worker wrote no memory statistics")
         kv_memory = stats["peak"]["kv_memory_bytes"]
@@ -138,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", default="1,4,8")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--budget-tokens", type=int, default=400)
-    p.add_argument("--systems", default="vllm-full,kvswap")
+    p.add_argument("--systems", default="vllm-full,kvswap",
+                   help=f"comma-separated: vllm-full, {', '.join(SYSTEMS)}")
     p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         _child(*args.child)
         return 0
+    unknown = sorted(set(args.systems.split(",")) - {"vllm-full", *SYSTEMS})
+    if unknown:
+        p.error(f"unknown system(s) {', '.join(unknown)}; known: vllm-full, {', '.join(SYSTEMS)}")
     model = args.model or default_model_path()
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvswap-throughput-") as kv:

@@ -213,9 +213,12 @@ def test_engine_restart_decodes_sparsely_over_the_stored_prompt(default_model: P
     assert runs["corrupt"]["recovered_from_load_failure"] and not runs["warm"]["recovered_from_load_failure"]
 
 
-def test_early_step_reads_only_when_a_layer_has_new_groups(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reuse, prefetch", [(True, True), (False, True), (True, False)])
+def test_early_step_reads_only_when_a_layer_has_new_groups(tmp_path: Path, reuse: bool, prefetch: bool) -> None:
     """The step start re-selects a layer only when it gained a full group since it last selected
-    (else the selection equals what its hot tier holds), and the attended K/V stay exact."""
+    (else the selection equals what its hot tier holds), and the attended K/V stay exact; the
+    ablations: without reuse every step reads all groups again, without prefetch there are no
+    early reads."""
     from kvswap_vllm.runtime.sequence import KVSwapSequence
 
     shape = ModelShape(num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=8)
@@ -223,7 +226,8 @@ def test_early_step_reads_only_when_a_layer_has_new_groups(tmp_path: Path) -> No
     gen = torch.Generator().manual_seed(0)
     k_all, v_all, q_all = torch.randn(2, 52, 8, generator=gen), torch.randn(2, 52, 8, generator=gen), torch.randn(52, 4, 8)
     with DiskStore(cfg) as store:
-        seq = KVSwapSequence(store, shape, DiskRuntimeConfig(SelectionConfig(4096, 4), "dense", flush_groups=2))
+        config = DiskRuntimeConfig(SelectionConfig(4096, 4), "dense", flush_groups=2, reuse=reuse, prefetch=prefetch)
+        seq = KVSwapSequence(store, shape, config)
         for layer in range(3):
             seq.prefill_kv(layer, k_all[:, :40], v_all[:, :40], last_query=q_all[39])
         for t in range(40, 52):  # 12 decode steps; the tail reaches 8 tokens at the 8th and goes to disk
@@ -232,5 +236,10 @@ def test_early_step_reads_only_when_a_layer_has_new_groups(tmp_path: Path) -> No
                 kk, vv = seq.decode_kv(layer, k_all[:, t:t + 1], v_all[:, t:t + 1], q_all[t])
                 assert torch.equal(kk, k_all[:, :t + 1]) and torch.equal(vv, v_all[:, :t + 1])
         # Layer 2 (the only one >= FIRST_AHEAD_LAYER): the first step, and the step after the flush.
-        assert seq.prefetch.stats.by_source["step"].loads == 2
+        assert seq.prefetch.stats.by_source["step"].loads == (2 if prefetch else 0)
+        # Groups read: 10 per layer, then the 2 flushed ones; without reuse all 10 or 12 at every
+        # step, and layer 2's two early loads read theirs too.
+        reread = sum(10 if t < 48 else 12 for t in range(40, 52)) * 3 + (10 + 12 if prefetch else 0)
+        read = sum(st.groups_read for st in seq.prefetch.stats.by_source.values())
+        assert read == (3 * 12 if reuse else reread)
         seq.close()

@@ -48,8 +48,11 @@ class HotTier:
     """
 
     def __init__(self, store: DiskStore, sequence: str, slots_per_layer: int,
-                 read: Callable[[int, list[int], torch.Tensor], ReadResult] | None = None) -> None:
+                 read: Callable[[int, list[int], torch.Tensor], ReadResult] | None = None,
+                 reuse: bool = True) -> None:
+        """`reuse=False`: each load reads all its groups again (the no-reuse baseline)."""
         cfg = store.config
+        self.reuse = reuse
         self.store, self.sequence, self.slots_per_layer = store, sequence, slots_per_layer
         # read(layer, group ids, out): the sequence's groups (a sequence may start with groups
         # of stored prefixes); by default straight from `sequence` in the store.
@@ -70,6 +73,8 @@ class HotTier:
             raise ValueError(f"{len(ids)} groups selected, the hot tier has {self.slots_per_layer} slots per layer "
                              "(the dense predictor needs a budget that covers the whole context)")
         table = self._slot_of[layer]
+        if not self.reuse:
+            table.clear()
         wanted = set(ids)
         misses = [g for g in ids if g not in table]
         hits = len(ids) - len(misses)

@@ -32,6 +32,11 @@ class DiskRuntimeConfig:
     flush_groups: int = 16
     # Prefill chunk, tokens: bounds prefill memory.
     prefill_chunk: int = 1024
+    # False: every load reads its whole selection, resident or not (the no-reuse baseline).
+    reuse: bool = True
+    # False: no early step reads, and every layer selects from its own query when it runs,
+    # with its reads on the critical path (the no-prefetch baseline).
+    prefetch: bool = True
 
 
 #: Layers below this select from their own query (nothing before them predicts it).
@@ -89,7 +94,8 @@ class KVSwapSequence:
         except BaseException:
             self._release_files()
             raise
-        self.hot = HotTier(store, self.name, config.selection.budget_groups, read=self.read_groups)
+        self.hot = HotTier(store, self.name, config.selection.budget_groups, read=self.read_groups,
+                           reuse=config.reuse)
         self.prefetch = LayerPrefetcher(self.hot)
         n = shape.num_layers
         start = self.prefix[-1].stop if self.prefix else 0
@@ -180,6 +186,8 @@ class KVSwapSequence:
         before re-selects with that query and starts its reads now, before the forward pass
         reaches it; its layer-ahead selection then only reads the difference. A layer without a
         new full group since it selected with that query would get what its hot tier holds: skipped."""
+        if not self.config.prefetch:
+            return
         for layer in range(FIRST_AHEAD_LAYER, self.shape.num_layers):
             q, groups = self._query[layer], self.predictor.num_groups(layer)
             if q is not None and layer not in self._submitted and groups and groups != self._selected_over[layer]:

@@ -45,6 +45,11 @@ class ConnectorConfig:
     # layers, + one staging layer), in whole groups. The worker refuses to start if that is
     # less than one group.
     hot_tier_mb: float | None = None
+    # Ablations of KVSwap decoding, for benchmarks: reuse=false reads every selected group again
+    # each step; prefetch=false selects each layer from its own query when it runs (no
+    # layer-ahead, no early step reads), its reads on the critical path.
+    reuse: bool = True
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         if self.capacity_gb is not None and (not _is_number(self.capacity_gb) or self.capacity_gb <= 0):
@@ -62,8 +67,9 @@ class ConnectorConfig:
                               f"supported: {', '.join(sorted(PREDICTORS))}")
         if self.direct_io not in ("auto", "on", "off"):
             raise KVSwapError(f"kvswap connector: direct_io must be 'auto', 'on' or 'off', got {self.direct_io!r}")
-        if not isinstance(self.save_decode, bool):
-            raise KVSwapError(f"kvswap connector: save_decode must be true or false, got {self.save_decode!r}")
+        for name in ("save_decode", "reuse", "prefetch"):
+            if not isinstance(getattr(self, name), bool):
+                raise KVSwapError(f"kvswap connector: {name} must be true or false, got {getattr(self, name)!r}")
         try:
             get_profile(self.storage_profile)
         except KVSwapError as exc:

@@ -299,9 +299,10 @@ def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> Spars
     block_tokens = identity.block_size if identity.block_size % options.group_size == 0 else 0
     log.info("kvswap: KVSwap decoding in vLLM: predictor %s, M=%d tokens, G=%d, disk tier %s",
              options.predictor, budget, options.group_size, store.config.namespace)
-    runtime = SparseRuntime(store, shape, DiskRuntimeConfig(selection, options.predictor), adapter, block_tokens)
-    if options.predictor == "dense":
-        pass  # everything is selected: nothing to predict
+    config = DiskRuntimeConfig(selection, options.predictor, reuse=options.reuse, prefetch=options.prefetch)
+    runtime = SparseRuntime(store, shape, config, adapter, block_tokens)
+    if options.predictor == "dense" or not options.prefetch:
+        pass  # nothing to predict (everything is selected), or the no-prefetch ablation
     elif _eager(vllm_config):
         runtime.layer_ahead = LayerAhead(runtime, shape.num_layers)
     else:
