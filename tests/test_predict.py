@@ -9,7 +9,7 @@ import torch
 
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.predict.adapter import AdapterError, LowRankAdapter, _bases
-from kvswap_vllm.predict.base import PREDICTORS, ModelShape, SelectionConfig, create_predictor
+from kvswap_vllm.predict.base import PREDICTORS, ModelShape, SelectionConfig, create_predictor, select_batch
 
 SHAPE = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=16)
 SEL = SelectionConfig(budget_tokens=32, group_size=4)  # 8 groups
@@ -132,3 +132,33 @@ def test_stored_metadata_of_another_adapter_or_damaged_is_refused() -> None:
         rows_from_aux(bad, p.metadata_id, "f")
     with pytest.raises(MetadataError, match="no predictor metadata"):
         rows_from_aux({}, p.metadata_id, "f")
+
+
+def test_batched_selection_equals_one_by_one(predictor) -> None:
+    """Sequences of different lengths (one within budget) selected together, as one engine step
+    does per layer, get what each would get alone."""
+    cls_name, adapter = predictor.name, predictor.adapter
+    preds = [predictor] + [create_predictor(cls_name, SHAPE, SEL, adapter) for _ in range(2)]
+    for p, (n, seed) in zip(preds, [(30, 1), (5, 2), (50, 3)]):
+        p.append_groups(1, keys(n, seed))
+    queries = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(4))
+    together = select_batch(preds, 1, queries)
+    assert [t.tolist() for t in together] == [p.select(1, q).tolist() for p, q in zip(preds, queries)]
+    assert together[1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_headwise_scores_are_each_heads_estimated_attention_mass() -> None:
+    """kvswap: per query head, softmax over tokens of q_lr . k_lr (its KV head's slice of the
+    joint basis); a group's score sums its tokens' mass over heads."""
+    adapter = random_adapter()
+    p = create_predictor("kvswap", SHAPE, SEL, adapter)
+    k = keys(12)
+    p.append_groups(0, k)
+    q = torch.randn(6, 16)
+    a = adapter.joint[0].view(2, 16, -1)
+    k_lr = (k.reshape(48, 32) @ adapter.joint[0]).half().float()  # (tokens, r), stored in float16
+    mass = torch.zeros(48)
+    for h in range(6):
+        q_lr = q[h] @ a[h // 3]
+        mass += torch.softmax(k_lr @ q_lr * 16**-0.5, dim=0)
+    torch.testing.assert_close(p.score(0, q), mass.view(12, 4).sum(dim=1), rtol=1e-5, atol=1e-6)

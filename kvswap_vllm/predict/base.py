@@ -54,6 +54,8 @@ class Predictor(ABC):
     name: ClassVar[str]
     #: True when the predictor needs a low-rank adapter.
     needs_adapter: ClassVar[bool] = False
+    #: True when every group is selected whatever the budget (exact attention).
+    selects_all: ClassVar[bool] = False
 
     def __init__(self, shape: ModelShape, selection: SelectionConfig, adapter: object | None = None) -> None:
         if self.needs_adapter and adapter is None:
@@ -85,12 +87,18 @@ class Predictor(ABC):
 
     def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         """Ids (ascending, int64) of the full groups `layer` should attend to."""
-        n = self._num_groups[layer]
-        k = self.selection.budget_groups
-        if n <= k:
-            return torch.arange(n)
-        scores = self.score(layer, query)
-        return torch.topk(scores, k, sorted=False).indices.sort().values
+        return select_batch([self], layer, query.unsqueeze(0))[0]
+
+    @classmethod
+    def score_batch(cls, predictors: list["Predictor"], layer: int, queries: torch.Tensor) -> torch.Tensor:
+        """(len(predictors), max groups) scores of several sequences' predictors of this class
+        for one layer, -inf past each one's groups; `queries` (len(predictors), q_heads, d).
+        Classes that can score a batch in one pass override this."""
+        n = max(p.num_groups(layer) for p in predictors)
+        out = torch.full((len(predictors), n), float("-inf"))
+        for i, (p, q) in enumerate(zip(predictors, queries)):
+            out[i, :p.num_groups(layer)] = p.score(layer, q)
+        return out
 
     def group_metadata(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """Metadata of keys (num_new_groups, group_size, num_kv_heads, head_dim): one row per
@@ -107,6 +115,26 @@ class Predictor(ABC):
     @abstractmethod
     def metadata_bytes(self) -> int:
         """Bytes of metadata held now, over all layers."""
+
+
+def select_batch(predictors: list[Predictor], layer: int, queries: torch.Tensor) -> list[torch.Tensor]:
+    """`Predictor.select` for several sequences at once (one predictor each, all with the same
+    selection config); predictors of one class are scored together, in one pass where the
+    class can (one engine step, one layer: a few large operations instead of many small ones)."""
+    out: list[torch.Tensor | None] = [None] * len(predictors)
+    by_class: dict[type, list[int]] = {}
+    for i, p in enumerate(predictors):
+        if p.selects_all or p.num_groups(layer) <= p.selection.budget_groups:
+            out[i] = torch.arange(p.num_groups(layer))
+        else:
+            by_class.setdefault(type(p), []).append(i)
+    for cls, rows in by_class.items():
+        scores = cls.score_batch([predictors[i] for i in rows], layer, queries[rows])
+        k = predictors[rows[0]].selection.budget_groups
+        picked = torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
+        for i, ids in zip(rows, picked):
+            out[i] = ids
+    return out  # type: ignore[return-value]
 
 
 #: Predictor name -> "module:Class", imported lazily.

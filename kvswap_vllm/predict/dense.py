@@ -9,9 +9,7 @@ from kvswap_vllm.predict.base import Predictor
 
 class Dense(Predictor):
     name = "dense"
-
-    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        return torch.arange(self.num_groups(layer))
+    selects_all = True
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.num_groups(layer))

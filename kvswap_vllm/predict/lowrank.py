@@ -28,12 +28,15 @@ class _LowRank(Predictor):
         super().__init__(*args, **kwargs)
         self._lr: list[list[torch.Tensor]] = [[] for _ in range(self.shape.num_layers)]
 
-    def _keys(self, layer: int) -> torch.Tensor:
-        """(tokens, r) low-rank keys in float32 (kept in float16: half the memory, and scores
-        only rank groups, which half precision does not change in practice)."""
-        lr = torch.cat(self._lr[layer])
+    def _rows(self, layer: int) -> torch.Tensor:
+        """(tokens, r) low-rank keys as kept: float16 (half the memory; scores only rank groups,
+        which half precision does not change in practice). Scoring converts them to float32."""
+        lr = torch.cat(self._lr[layer]) if len(self._lr[layer]) > 1 else self._lr[layer][0]
         self._lr[layer] = [lr]
-        return lr.float()
+        return lr
+
+    def _keys(self, layer: int) -> torch.Tensor:
+        return self._rows(layer).float()
 
     def metadata_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self._lr for t in ts)
@@ -65,11 +68,28 @@ class HeadwiseLowRank(JointLowRank):
     name = "kvswap"
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        s = self.shape
-        a = self.adapter.joint[layer].view(s.num_kv_heads, s.head_dim, -1)  # per-head slices (H, d, r)
-        q = query.float().view(s.num_kv_heads, s.gqa, s.head_dim)
-        q_lr = torch.einsum("hgd,hdr->hgr", q, a).reshape(s.num_q_heads, -1)  # (q_heads, r)
-        # (q_heads, tokens): the softmax runs along contiguous rows (3x faster than along columns)
-        logits = q_lr @ self._keys(layer).T * s.head_dim**-0.5
-        mass = torch.softmax(logits, dim=-1).sum(dim=0)
-        return mass.view(-1, self.selection.group_size).sum(dim=1)
+        return self.score_batch([self], layer, query.unsqueeze(0))[0]
+
+    @classmethod
+    def score_batch(cls, predictors: list["HeadwiseLowRank"], layer: int, queries: torch.Tensor) -> torch.Tensor:
+        first = predictors[0]
+        s, g = first.shape, first.selection.group_size
+        rows = [p._rows(layer) for p in predictors]
+        tokens = max(r.shape[0] for r in rows)
+        keys = torch.zeros(len(rows), tokens, rows[0].shape[1])  # float32, zero-padded
+        for i, r in enumerate(rows):
+            keys[i, :r.shape[0]] = r
+        a = first.adapter.joint[layer].view(s.num_kv_heads, s.head_dim, -1)  # per-head slices (H, d, r)
+        q = queries.float().view(len(rows), s.num_kv_heads, s.gqa, s.head_dim).transpose(0, 1)
+        q_lr = torch.bmm(q.reshape(s.num_kv_heads, -1, s.head_dim), a)  # (H, B*gqa, r)
+        q_lr = q_lr.view(s.num_kv_heads, len(rows), s.gqa, -1).transpose(0, 1).reshape(len(rows), s.num_q_heads, -1)
+        # (B, q_heads, tokens): the softmax runs along contiguous rows (3x faster than along columns)
+        logits = torch.bmm(q_lr, keys.transpose(1, 2)) * s.head_dim**-0.5
+        if any(r.shape[0] < tokens for r in rows):
+            pad = torch.arange(tokens) >= torch.tensor([r.shape[0] for r in rows])[:, None]
+            logits.masked_fill_(pad[:, None, :], float("-inf"))
+        mass = torch.softmax(logits, dim=-1).sum(dim=1)  # (B, tokens)
+        scores = mass.view(len(rows), -1, g).sum(dim=2)
+        for i, r in enumerate(rows):
+            scores[i, r.shape[0] // g:] = float("-inf")
+        return scores

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kvswap_vllm.hot.tier import HotTier
-from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor
+from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor, select_batch
 from kvswap_vllm.predict.persisted import rows_from_aux, rows_to_aux
 from kvswap_vllm.prefetch.pipeline import LayerPrefetcher
 from kvswap_vllm.store.disk_store import DiskStore, ReadResult
@@ -176,8 +176,23 @@ class KVSwapSequence:
         """Select `layer`'s groups for `query` (num_q_heads, head_dim), post-RoPE, and start
         loading the ones not resident; this is the selection the layer attends to. `ahead` =
         predicted from the previous layer's input, else the layer's own query."""
-        query = self._query[layer] = query.clone()  # never a view that keeps an engine's batch alive
-        self.prefetch.submit(layer, self.predictor.select(layer, query), "ahead" if ahead else "own")
+        self._submit_selected(layer, query, self.predictor.select(layer, query), ahead)
+
+    @staticmethod
+    def submit_batch(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor, ahead: bool) -> None:
+        """`submit` for several sequences (same config) at once: queries (len(seqs), q_heads, d),
+        selected together (see predict.base.select_batch)."""
+        groups = select_batch([s.predictor for s in seqs], layer, queries)
+        for seq, query, ids in zip(seqs, queries, groups):
+            seq._submit_selected(layer, query, ids, ahead)
+
+    def needs_selection(self, layer: int) -> bool:
+        """No selection of this step is submitted for `layer` yet."""
+        return layer not in self._submitted
+
+    def _submit_selected(self, layer: int, query: torch.Tensor, groups: torch.Tensor, ahead: bool) -> None:
+        self._query[layer] = query.clone()  # never a view that keeps an engine's batch alive
+        self.prefetch.submit(layer, groups, "ahead" if ahead else "own")
         self._submitted.add(layer)
         self._selected_over[layer] = self.predictor.num_groups(layer)
 

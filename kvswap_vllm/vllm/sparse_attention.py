@@ -182,6 +182,7 @@ class SparseRuntime:
             self.steps += 1
             self._track_memory()
         out = output[:meta.num_actual_tokens].view(-1, self.shape.num_q_heads, self.shape.head_dim)
+        self._select_own(layer, query, view)
         for s, e, context, first in view.requests:
             if first in self._failed and context > 0:
                 continue  # vLLM discards this step of the request and recomputes it
@@ -199,6 +200,16 @@ class SparseRuntime:
                 continue
             out[s:e] = o.transpose(0, 1)
         return output
+
+    def _select_own(self, layer: int, query: torch.Tensor, view: "_StepView") -> None:
+        """Decoding requests with no selection for this layer yet (layers 0-1, or every layer
+        without layer-ahead) select from their own queries, all together."""
+        rows = [(row, self._seqs[key]) for row, key in view.decoding
+                if key in self._seqs and key not in self._failed and self._seqs[key].needs_selection(layer)
+                and self._seqs[key].length(layer) > 0]
+        if rows:
+            queries = query[torch.tensor([r for r, _ in rows])]
+            KVSwapSequence.submit_batch([seq for _, seq in rows], layer, queries, ahead=False)
 
     def _fail(self, key: int, context: int, exc: BaseException) -> None:
         """The disk tier lost part of a request's KV (a damaged or evicted file, an I/O error):
@@ -228,8 +239,7 @@ class SparseRuntime:
         if not rows:
             return
         queries = predict(torch.tensor([r for r, _ in rows]))
-        for q, (_, key) in zip(queries, rows):
-            self._seqs[key].submit(layer, q, ahead=True)
+        KVSwapSequence.submit_batch([self._seqs[key] for _, key in rows], layer, queries, ahead=True)
 
     def _track_memory(self) -> None:
         now = {"hot_tier_bytes": sum(s.hot.nbytes for s in self._seqs.values()),
