@@ -1,7 +1,7 @@
 """Decode throughput and memory: KVSwap inside vLLM against stock vLLM with the full KV in memory
 and against the other disk-offload designs, on the same engine and harness.
 
-    python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\
+    python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\   # + .png
         [--context 7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400] \\
         [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-noprefetch,infinigen,dense-disk]
 
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from benchmarks import kv_bytes_per_token, write_json
+from benchmarks.throughput_plot import plot
 from kvswap_vllm.demo_document import build_document, entries_for_tokens
 from kvswap_vllm.generation import chat_prompt_ids
 from kvswap_vllm.models.prepare import default_model_path
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "throughput", "engine": args.engine, "model": str(model),
               "budget_tokens": args.budget_tokens, "max_new_tokens": args.max_new_tokens, "rows": rows}
     print(write_json(result, args.out))
+    if args.out is not None:
+        plot(result, args.out.with_suffix(".png"))
     return 0
 
 

@@ -1,0 +1,53 @@
+"""The PNG of a throughput result: decode tokens/s and KV held in memory, per system, for each
+(context, batch) of the run.
+
+    python -m benchmarks.throughput_plot results/throughput.json     # writes results/throughput.png
+(benchmarks/throughput.py writes it beside its JSON itself.)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    cases = sorted({(r["context"], r["batch"]) for r in rows})
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    value = {(r["system"], r["context"], r["batch"]): r for r in rows}
+    width = 0.8 / len(systems)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, title in zip(axes, ("tokens_per_s", "kv_memory_mb"), ("decode tokens/s", "KV held in memory, MB")):
+        for i, system in enumerate(systems):
+            ys = [value[(system, *c)][key] if (system, *c) in value else 0 for c in cases]
+            ax.bar([x + i * width for x in range(len(cases))], ys, width, label=system)
+        ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(cases))],
+                      [f"{c} tok x {b}" for c, b in cases])
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"vLLM engine, M={result.get('budget_tokens')} tokens, {result.get('max_new_tokens')} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    src = Path(args[0])
+    plot(json.loads(src.read_text()), src.with_suffix(".png"))
+    print(src.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
