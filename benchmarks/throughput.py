@@ -1,7 +1,7 @@
 """Decode throughput and memory: KVSwap inside vLLM against stock vLLM with the full KV in memory
 and against the other disk-offload designs, on the same engine and harness.
 
-    python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\   # + .png
+    python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\
         [--context 7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400] \\
         [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-noprefetch,infinigen,dense-disk]
 
@@ -9,6 +9,7 @@ Systems (SYSTEMS below): `vllm-full` stock vLLM; `kvswap`; `kvswap-noreuse` (eve
 its whole selection); `kvswap-noprefetch` (each layer selects from its own query when it runs,
 reads on the critical path); `infinigen` (InfiniGen*-style: the paper's low-rank predictor over
 single tokens, no reuse); `dense-disk` (FlexGen-style: the whole KV read from disk every step).
+With --out, a PNG of the rows is written beside the JSON (benchmarks/throughput_plot.py).
 
 Each row is one fresh engine process running a batch of `batch` built-in documents of ~context
 tokens (each with its own pass key) to `max-new-tokens` greedy tokens, stepping the engine by
