@@ -467,9 +467,10 @@ class DiskStore:
         if len(gid) == 0:
             return []
         gap = np.diff(gid)
-        # Rows between two requested ones that may be read through (gap - 1 of them).
-        through = self.config.read_gap_bytes // self._row_bytes if self.config.coalesce_reads else 0
-        joins = (gap == 0) | ((gap <= through + 1) & self.config.coalesce_reads)
+        # Two requested rows share a read when at most `read_gap_bytes` of rows lie between them
+        # (duplicates always do; without coalescing, nothing else does).
+        widest = self.config.read_gap_bytes // self._row_bytes + 1 if self.config.coalesce_reads else 0
+        joins = gap <= widest
         # Cut long runs every max_read_bytes: a run's k-th chunk starts where (gid - run start)
         # crosses a multiple of the chunk length.
         chunk = max(1, self.config.max_read_bytes // self._row_bytes)

@@ -204,9 +204,9 @@ class SparseRuntime:
     def _select_own(self, layer: int, query: torch.Tensor, view: "_StepView") -> None:
         """Decoding requests with no selection for this layer yet (layers 0-1, or every layer
         without layer-ahead) select from their own queries, all together."""
-        rows = [(row, self._seqs[key]) for row, key in view.decoding
-                if key in self._seqs and key not in self._failed and self._seqs[key].needs_selection(layer)
-                and self._seqs[key].length(layer) > 0]
+        rows = [(row, seq) for row, key in view.decoding
+                if key not in self._failed and (seq := self._seqs.get(key)) is not None
+                and seq.needs_selection(layer) and seq.length(layer) > 0]
         if rows:
             queries = query[torch.tensor([r for r, _ in rows])]
             KVSwapSequence.submit_batch([seq for _, seq in rows], layer, queries, ahead=False)
