@@ -41,6 +41,12 @@ from benchmarks.throughput_plot import plot
 from kvswap_vllm.demo_document import build_document, entries_for_tokens
 from kvswap_vllm.generation import chat_prompt_ids
 from kvswap_vllm.models.prepare import default_model_path
+from kvswap_vllm.store.profiles import PROFILES, get_profile
+
+#: `--profiles` value for this machine's disk as it is (no throttle).
+NATIVE = "native"
+#: Where the compute-only runs keep their disk tier (RAM).
+RAM_DIR = "/dev/shm"
 
 
 #: The systems on the KVSwap runtime: connector options on top of kv_dir and budget_tokens.
@@ -66,8 +72,8 @@ def _child(spec_path: Path, out_path: Path) -> None:
     from kvswap_vllm.resources import ResourceMeter, tree_rss_bytes
 
     ktc = None
-    if spec["system"] != "vllm-full":
-        extra = {"kv_dir": spec["kv_dir"], "budget_tokens": spec["budget_tokens"], **SYSTEMS[spec["system"]]}
+    if spec["options"] is not None:
+        extra = {"kv_dir": spec["kv_dir"], "budget_tokens": spec["budget_tokens"], **spec["options"]}
         ktc = {"kv_connector": "kvswap", "kv_role": "kv_both", "kv_connector_extra_config": extra}
     with ResourceMeter() as meter:
         llm = LLM(model=spec["model"], dtype="float32", max_model_len=spec["max_model_len"], enforce_eager=True,
@@ -107,16 +113,29 @@ def _child(spec_path: Path, out_path: Path) -> None:
     }))
 
 
-def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: int, budget_tokens: int,
-            kv_dir: Path) -> dict:
-    docs = [build_document(num_entries=entries_for_tokens(context), depth=(i + 0.5) / batch, seed=100 + i)
-            for i in range(batch)]
-    prompts = [chat_prompt_ids(model, d.prompt()) for d in docs]
-    longest = max(len(p) for p in prompts) + max_new_tokens
-    need = batch * (longest + 128) * kv_bytes_per_token(model)
-    spec = {"model": str(model), "system": system, "prompts": prompts, "batch": batch, "kv_dir": str(kv_dir),
-            "max_new_tokens": max_new_tokens, "budget_tokens": budget_tokens,
-            "max_model_len": longest + 128, "pool_gib": max(1, math.ceil(need * 1.1 / 2**30))}
+def system_options(system: str, profile: str, model: Path, budget_tokens: int) -> dict | None:
+    """Connector options of `system` under a storage profile (None: stock vLLM). `native` reads
+    this machine's disk as it is; a profile name throttles the reads to that device and, for
+    systems that do not fix G, takes the profile's group size."""
+    if system == "vllm-full":
+        return None
+    options = dict(SYSTEMS[system])
+    if profile != NATIVE:
+        layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+        g = get_profile(profile).group_size(kv_bytes_per_token(model) // layers, budget_tokens)
+        options = {"group_size": g, **options, "storage_profile": profile, "throttle_reads": True}
+    return options
+
+
+def compute_only_options(options: dict) -> dict:
+    """The same system with its disk tier in RAM (tmpfs, buffered, no throttle): every cost of a
+    step but the storage device's."""
+    return {**{k: v for k, v in options.items() if k not in ("storage_profile", "throttle_reads")},
+            "direct_io": "off"}
+
+
+def _run_child(spec: dict) -> tuple[dict, dict | None]:
+    """One engine process for `spec`: (its output, the kvswap worker's statistics or None)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path, stats_path = (Path(tmp) / n for n in ("spec.json", "out.json", "stats.json"))
         spec_path.write_text(json.dumps(spec))
@@ -124,22 +143,52 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
         proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--child", str(spec_path), str(out_path)],
                               capture_output=True, text=True, env=env, timeout=3600)
         if proc.returncode != 0:
-            raise RuntimeError(f"{system} batch {batch} failed:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"{spec['system']} batch {spec['batch']} failed:\n{proc.stderr[-4000:]}")
         out = json.loads(out_path.read_text())
         stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
-    if system != "vllm-full":
-        if stats is None:
-            raise RuntimeError("the kvswap worker wrote no memory statistics")
-        kv_memory = stats["peak"]["kv_memory_bytes"]
-    else:
+    if spec["options"] is not None and stats is None:
+        raise RuntimeError("the kvswap worker wrote no memory statistics")
+    return out, stats
+
+
+def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: int, budget_tokens: int,
+            kv_dir: Path, profile: str = NATIVE, split_io: bool = False) -> dict:
+    docs = [build_document(num_entries=entries_for_tokens(context), depth=(i + 0.5) / batch, seed=100 + i)
+            for i in range(batch)]
+    prompts = [chat_prompt_ids(model, d.prompt()) for d in docs]
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    need = batch * (longest + 128) * kv_bytes_per_token(model)
+    options = system_options(system, profile, model, budget_tokens)
+    spec = {"model": str(model), "system": system, "options": options, "prompts": prompts, "batch": batch,
+            "kv_dir": str(kv_dir), "max_new_tokens": max_new_tokens, "budget_tokens": budget_tokens,
+            "max_model_len": longest + 128, "pool_gib": max(1, math.ceil(need * 1.1 / 2**30))}
+    out, stats = _run_child(spec)
+    compute_only_s, io_only_s = None, None
+    if options is None:
         kv_memory = sum(len(p) + max_new_tokens for p in prompts) * kv_bytes_per_token(model)
+        compute_only_s, io_only_s = out["step_s"], 0.0  # nothing is read
+    else:
+        kv_memory = stats["peak"]["kv_memory_bytes"]
+        io = stats.get("decode_io") or {}
+        if io.get("steps"):
+            io_only_s = io["read_busy_s"] / io["steps"]
+        if split_io:
+            with tempfile.TemporaryDirectory(prefix="kvswap-compute-only-", dir=RAM_DIR) as ram:
+                mem, _ = _run_child({**spec, "options": compute_only_options(options), "kv_dir": ram})
+            compute_only_s = mem["step_s"]
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    bound = max(compute_only_s, io_only_s) if compute_only_s is not None and io_only_s is not None else None
     return {
         "system": system, "engine": "vllm", "context": round(sum(map(len, prompts)) / batch), "batch": batch,
-        "profile": None, "tokens_per_s": round(out["tokens_per_s"], 2), "step_s": round(out["step_s"], 4),
+        "profile": profile, "group_size": None if options is None else options.get("group_size", 4),
+        "tokens_per_s": round(out["tokens_per_s"], 2), "step_s": round(out["step_s"], 4),
+        # Step time with the disk tier in RAM, and the disk's busy time per decode step: a step
+        # that overlaps reads with compute perfectly takes max(compute_only_s, io_only_s).
+        "compute_only_s": _round(compute_only_s), "io_only_s": _round(io_only_s),
+        "step_over_bound": _round(out["step_s"] / bound if bound else None, 3),
         "decode_steps_measured": out["decode_steps"], "ttft_s": round(out["ttft_s"], 2), "wall_s": round(out["wall_s"], 1),
         "peak_rss_mb": round(out["peak_rss_mb"], 1), "kv_memory_mb": round(kv_memory / 2**20, 1),
-        # What serving the batch added to the loaded engine's resident memory.
+        # What serving the batch added to the loaded, idle engine's resident memory.
         "rss_growth_mb": round(out["peak_rss_mb"] - out["idle_rss_mb"], 1),
         "weights_mb": round(weights / 2**20, 1), "vllm_pool_gib": spec["pool_gib"],
         "passkeys_correct": sum(d.is_correct(t) for d, t in zip(docs, out["texts"])),
@@ -148,6 +197,10 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
         # kvswap: groups read and found useful per mechanism (step-ahead, layer-ahead, own query).
         "reads_by_source": stats.get("reads") if stats else None,
     }
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,23 +214,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-tokens", type=int, default=400)
     p.add_argument("--systems", default="vllm-full,kvswap",
                    help=f"comma-separated: vllm-full, {', '.join(SYSTEMS)}")
+    p.add_argument("--profiles", default=NATIVE,
+                   help=f"comma-separated storage profiles: {NATIVE} (this disk as it is), or {', '.join(PROFILES)} "
+                        "(reads throttled to that device; G from the profile)")
+    p.add_argument("--split-io", action="store_true",
+                   help="also run each disk system with its disk tier in RAM (compute_only_s; one more engine per row)")
     p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         _child(*args.child)
         return 0
-    unknown = sorted(set(args.systems.split(",")) - {"vllm-full", *SYSTEMS})
+    systems, profiles = args.systems.split(","), args.profiles.split(",")
+    unknown = sorted(set(systems) - {"vllm-full", *SYSTEMS})
     if unknown:
         p.error(f"unknown system(s) {', '.join(unknown)}; known: vllm-full, {', '.join(SYSTEMS)}")
+    bad = sorted(set(profiles) - {NATIVE, *PROFILES})
+    if bad:
+        p.error(f"unknown profile(s) {', '.join(bad)}; known: {NATIVE}, {', '.join(PROFILES)}")
+    if args.split_io and not os.path.isdir(RAM_DIR):
+        p.error(f"--split-io keeps a disk tier in RAM under {RAM_DIR}, which this machine lacks")
     model = args.model or default_model_path()
+    cases = [(b, prof, sys_) for b in (int(x) for x in args.batch.split(",")) for prof in profiles for sys_ in systems
+             if not (sys_ == "vllm-full" and prof != profiles[0])]  # stock vLLM reads nothing: once per batch
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvswap-throughput-") as kv:
-        for batch in (int(b) for b in args.batch.split(",")):
-            for system in args.systems.split(","):
-                print(f"[throughput] {system} batch {batch} context ~{args.context} ...", file=sys.stderr, flush=True)
-                row = run_row(model, system, args.context, batch, args.max_new_tokens, args.budget_tokens, Path(kv))
-                print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
-                rows.append(row)
+        for n, (batch, profile, system) in enumerate(cases, 1):
+            print(f"[throughput {n}/{len(cases)}] {system} batch {batch} context ~{args.context} profile {profile} ...",
+                  file=sys.stderr, flush=True)
+            row = run_row(model, system, args.context, batch, args.max_new_tokens, args.budget_tokens, Path(kv),
+                          profile, args.split_io)
+            print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
+            rows.append(row)
     result = {"benchmark": "throughput", "engine": args.engine, "model": str(model),
               "budget_tokens": args.budget_tokens, "max_new_tokens": args.max_new_tokens, "rows": rows}
     print(write_json(result, args.out))

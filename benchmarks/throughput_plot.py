@@ -1,5 +1,5 @@
 """The PNG of a throughput result: decode tokens/s and KV held in memory, per system, for each
-(context, batch) of the run.
+(context, batch, storage profile) of the run.
 
     python -m benchmarks.throughput_plot results/throughput.json     # writes results/throughput.png
 (benchmarks/throughput.py writes it beside its JSON itself.)
@@ -19,17 +19,21 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    cases = sorted({(r["context"], r["batch"]) for r in rows})
+    case = lambda r: (r["context"], r["batch"], r.get("profile") or "native")  # noqa: E731
+    cases = sorted({case(r) for r in rows})
     systems = list(dict.fromkeys(r["system"] for r in rows))
-    value = {(r["system"], r["context"], r["batch"]): r for r in rows}
+    value = {(r["system"], *case(r)): r for r in rows}
+    stock = {(r["context"], r["batch"]): r for r in rows if r["system"] == "vllm-full"}
     width = 0.8 / len(systems)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, key, title in zip(axes, ("tokens_per_s", "kv_memory_mb"), ("decode tokens/s", "KV held in memory, MB")):
         for i, system in enumerate(systems):
-            ys = [value[(system, *c)][key] if (system, *c) in value else 0 for c in cases]
+            # stock vLLM reads nothing: its row of a (context, batch) stands for every profile
+            ys = [value[(system, *c)][key] if (system, *c) in value
+                  else stock[c[:2]][key] if system == "vllm-full" and c[:2] in stock else 0 for c in cases]
             ax.bar([x + i * width for x in range(len(cases))], ys, width, label=system)
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(cases))],
-                      [f"{c} tok x {b}" for c, b in cases])
+                      [f"{c} tok x {b}" + ("" if p == "native" else f", {p}") for c, b, p in cases])
         ax.set_title(title)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"vLLM engine, M={result.get('budget_tokens')} tokens, {result.get('max_new_tokens')} new tokens")

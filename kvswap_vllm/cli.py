@@ -364,7 +364,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models_dir(gen)
     gen.set_defaults(func=_cmd_generate)
     _add_vllm_commands(sub)
+    bench = sub.add_parser(
+        "bench", add_help=False, help="run a benchmark of benchmarks/ (JSON + PNG out)",
+        description="kvswap bench NAME [ARGS...] runs `python -m benchmarks.NAME ARGS...` from the source "
+        f"checkout this package is installed from; NAME is one of {', '.join(BENCHMARKS)} (default: "
+        "throughput). `kvswap bench NAME --help` shows its options.",
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+#: `kvswap bench` names -> modules of benchmarks/.
+BENCHMARKS = {"throughput": "throughput", "quality": "quality", "vllm-quality": "vllm_quality",
+              "serve-memory": "serve_memory", "prefix-restart": "prefix_restart", "store": "store_bench"}
+
+
+def bench_command(args: list[str], checkout: Path) -> list[str]:
+    """The command line `kvswap bench ARGS` runs (in `checkout`, the source tree)."""
+    name = args[0] if args and not args[0].startswith("-") else "throughput"
+    rest = args[1:] if args and not args[0].startswith("-") else list(args)
+    if name not in BENCHMARKS:
+        raise KVSwapError(f"unknown benchmark {name!r}; one of {', '.join(BENCHMARKS)}")
+    if not (checkout / "benchmarks" / f"{BENCHMARKS[name]}.py").is_file():
+        raise KVSwapError(f"kvswap bench runs the benchmarks/ folder of a source checkout, and {checkout} has "
+                          "none (a wheel install): clone the repository and `pip install -e .` it")
+    return [sys.executable, "-m", f"benchmarks.{BENCHMARKS[name]}", *rest]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    checkout = Path(__file__).resolve().parents[1]
+    cmd = bench_command(args.bench_args, checkout)
+    print("kvswap: running " + " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.call(cmd, cwd=checkout)
 
 
 def _add_vllm_commands(sub: argparse._SubParsersAction) -> None:
@@ -430,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # everything after `serve` is vLLM's, --help included
         args = argparse.Namespace(vllm_args=argv[1:], func=_cmd_serve)
+    elif argv[:1] == ["bench"]:  # and everything after `bench` the benchmark's
+        args = argparse.Namespace(bench_args=argv[1:], func=_cmd_bench)
     else:
         args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -9,28 +9,78 @@ from pathlib import Path
 import pytest
 
 from benchmarks import throughput, throughput_plot
+from kvswap_vllm.store.profiles import PROFILES
 from kvswap_vllm.vllm.connector_config import ConnectorConfig
 
 
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A checkpoint folder as far as the harness looks (config.json): SmolLM2-135M's shape."""
+    cfg = {"num_hidden_layers": 30, "num_key_value_heads": 3, "num_attention_heads": 9, "hidden_size": 576}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+@pytest.mark.parametrize("profile", [throughput.NATIVE, *PROFILES])
 @pytest.mark.parametrize("system", list(throughput.SYSTEMS))
-def test_every_system_is_a_valid_connector_configuration(system: str) -> None:
-    cfg = ConnectorConfig.from_extra_config({"kv_dir": "/tmp/x", "budget_tokens": 400, **throughput.SYSTEMS[system]})
+def test_every_system_is_a_valid_connector_configuration(system: str, profile: str, model_dir: Path) -> None:
+    options = throughput.system_options(system, profile, model_dir, 400)
+    cfg = ConnectorConfig.from_extra_config({"kv_dir": "/tmp/x", "budget_tokens": 400, **options})
     assert cfg.sparse  # every system but stock vLLM runs KVSwap's runtime
+    # a profile throttles the reads to its device and picks G, unless the system fixes G
+    assert cfg.throttle_reads == (profile != throughput.NATIVE)
+    assert cfg.storage_profile == ("nvme" if profile == throughput.NATIVE else profile)
+    if system == "infinigen":
+        assert cfg.group_size == 1
+    elif profile != throughput.NATIVE:
+        assert cfg.group_size == PROFILES[profile].group_size(3 * 64 * 2 * 4, 400)
+    ram = ConnectorConfig.from_extra_config({"kv_dir": "/dev/shm/x", **throughput.compute_only_options(options)})
+    assert not ram.throttle_reads and ram.direct_io == "off" and ram.group_size == cfg.group_size
 
 
-def test_unknown_system_is_refused_with_the_known_ones(capsys) -> None:
+def test_stock_vllm_has_no_connector_options(model_dir: Path) -> None:
+    assert throughput.system_options("vllm-full", "emmc", model_dir, 400) is None
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--systems", "vllm-full,flexgen"], "unknown system(s) flexgen"),
+    (["--profiles", "native,floppy"], "unknown profile(s) floppy"),
+])
+def test_unknown_names_are_refused_with_the_known_ones(capsys, flags: list[str], needle: str) -> None:
     with pytest.raises(SystemExit):
-        throughput.main(["--systems", "vllm-full,flexgen"])
+        throughput.main(flags)
     err = capsys.readouterr().err
-    assert "unknown system(s) flexgen" in err and "dense-disk" in err
+    assert needle in err and ("dense-disk" in err if "system" in needle else "emmc" in err)
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     rows = [{"system": s, "context": c, "batch": b, "tokens_per_s": t, "kv_memory_mb": m}
             for s, c, b, t, m in [("vllm-full", 4000, 4, 28.9, 708), ("kvswap", 4000, 4, 11.2, 134),
-                                  ("kvswap", 7000, 8, 5.0, 360)]]  # a missing (system, case) is drawn as 0
+                                  ("kvswap", 7000, 8, 5.0, 360)]]
+    rows.append({"system": "kvswap", "context": 4000, "batch": 4, "profile": "emmc", "tokens_per_s": 6.0,
+                 "kv_memory_mb": 134})  # another profile: a case of its own, stock's bar repeated  # a missing (system, case) is drawn as 0
     src = tmp_path / "t.json"
     src.write_text(json.dumps({"rows": rows, "budget_tokens": 400, "max_new_tokens": 16}))
     assert throughput_plot.main([str(src)]) == 0
     png = src.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_kvswap_bench_runs_a_benchmark_of_the_checkout(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from kvswap_vllm.cli import bench_command
+    from kvswap_vllm.errors import KVSwapError
+    from tests.helpers import REPO
+
+    assert bench_command(["--batch", "4"], REPO)[1:] == ["-m", "benchmarks.throughput", "--batch", "4"]
+    assert bench_command(["store", "--out", "x.json"], REPO)[1:] == ["-m", "benchmarks.store_bench", "--out", "x.json"]
+    with pytest.raises(KVSwapError, match="unknown benchmark 'speed'; one of throughput"):
+        bench_command(["speed"], REPO)
+    with pytest.raises(KVSwapError, match="source checkout"):
+        bench_command(["throughput"], tmp_path)  # an install without benchmarks/
+    # The real command: arguments reach the benchmark (its own validation answers).
+    proc = subprocess.run([sys.executable, "-m", "kvswap_vllm.cli", "bench", "throughput", "--profiles", "floppy"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown profile(s) floppy" in proc.stderr

@@ -357,6 +357,28 @@ def test_throttle_emulates_a_slower_device(tmp_path: Path) -> None:
     assert r.found.all() and elapsed >= r.bytes_read / (sd.read_mb_s * 1e6)
 
 
+def test_read_busy_time_counts_concurrent_reads_once(tmp_path: Path) -> None:
+    """read_busy_s is the time with a read in flight (I/O-only time in benchmarks): two reads
+    overlapping in time count once, where read_wait_s adds both waits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvswap_vllm.store.throttle import Throttle
+
+    cfg = make_cfg(tmp_path / "kv")
+    with DiskStore(cfg) as s:
+        s.open_sequence("a", private=False)
+        s.write_groups("a", 0, 0, groups(8))
+    with DiskStore(cfg, throttle=Throttle(1e12, 0.2)) as s:  # every request waits 0.2 s
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda g: s.read_groups("a", 0, [g]), [0, 4]))
+        both = s.stats.as_dict()
+        s.read_groups("a", 0, [2])
+        after = s.stats.as_dict()
+    assert all(r.found.all() for r in results)
+    assert both["read_wait_s"] >= 0.4 and 0.2 <= both["read_busy_s"] < 0.35
+    assert 0.2 <= after["read_busy_s"] - both["read_busy_s"] < 0.35  # a read alone counts whole
+
+
 def test_zero_copy_reads_land_in_aligned_rows_and_are_verified(tmp_path: Path, monkeypatch) -> None:
     cfg = make_cfg(tmp_path / "kv", group_size=8)  # 3 x 2 x 8 x 64 x 4 B = 12 KiB: 4 KiB multiple
     kv = torch.randn(32, 3, 2, 8, 64)

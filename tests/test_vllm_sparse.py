@@ -54,10 +54,12 @@ def test_runtime_with_full_budget_equals_plain_attention(tmp_path: Path, chunk: 
     with DiskStore(cfg) as store:
         rt = SparseRuntime(store, shape, DiskRuntimeConfig(SelectionConfig(4096, 4), "dense", flush_groups=2), None)
         done = dict.fromkeys(lengths, 0)
+        pure_decode = []  # per step: every request decodes one token
         while any(done[b] < total[b] for b in lengths):
             batch = [b for b in lengths if done[b] < total[b]]
             # Prompts in chunks; then one token per step.
             n = {b: (min(chunk, lengths[b] - done[b]) if done[b] < lengths[b] else 1) for b in batch}
+            pure_decode.append(all(done[b] >= lengths[b] for b in batch))
             meta = _meta([n[b] for b in batch], [done[b] for b in batch], batch)
             rt.start_step(_step_meta(), {"model.layers.0.self_attn.attn": meta})  # early reads
             for layer in range(3):
@@ -77,6 +79,9 @@ def test_runtime_with_full_budget_equals_plain_attention(tmp_path: Path, chunk: 
         # (it goes to disk at flush_groups * G = 8 tokens).
         assert store.num_groups(rt._seqs[22].name, 0) == 5 and 11 not in rt._seqs
         assert rt._seqs[22].prefetch.stats.by_source["step"].loads > 0
+        # I/O-only time is counted over the pure decode steps a later step closed (not the last).
+        assert rt.decode_io["steps"] == sum(pure_decode[:-1]) > 0
+        assert 0 < rt.decode_io["read_busy_s"] <= store.stats.read_busy_s
         rt.close()
 
 

@@ -50,6 +50,9 @@ class ConnectorConfig:
     # layer-ahead, no early step reads), its reads on the critical path.
     reuse: bool = True
     prefetch: bool = True
+    # Benchmarks: KVSwap decoding's reads wait as long as `storage_profile`'s device would take
+    # (its bandwidth and per-request latency), so a fast disk stands in for an eMMC or SD card.
+    throttle_reads: bool = False
 
     def __post_init__(self) -> None:
         if self.capacity_gb is not None and (not _is_number(self.capacity_gb) or self.capacity_gb <= 0):
@@ -67,7 +70,7 @@ class ConnectorConfig:
                               f"supported: {', '.join(sorted(PREDICTORS))}")
         if self.direct_io not in ("auto", "on", "off"):
             raise KVSwapError(f"kvswap connector: direct_io must be 'auto', 'on' or 'off', got {self.direct_io!r}")
-        for name in ("save_decode", "reuse", "prefetch"):
+        for name in ("save_decode", "reuse", "prefetch", "throttle_reads"):
             if not isinstance(getattr(self, name), bool):
                 raise KVSwapError(f"kvswap connector: {name} must be true or false, got {getattr(self, name)!r}")
         try:

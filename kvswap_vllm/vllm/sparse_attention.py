@@ -38,6 +38,7 @@ from kvswap_vllm.predict.base import ModelShape, SelectionConfig
 from kvswap_vllm.resources import return_freed_memory_promptly, trim_heap
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence, Persistence, PrefixRun
 from kvswap_vllm.store import DiskStore
+from kvswap_vllm.store.profiles import get_profile
 from kvswap_vllm.store.errors import MissingGroupsError
 from kvswap_vllm.vllm.layer_ahead import LayerAhead
 
@@ -70,6 +71,9 @@ class SparseRuntime:
         self._started: Any = None  # the connector metadata of the step start_step last ran for
         self.layer_ahead: LayerAhead | None = None
         self.steps = 0
+        # Steps in which every request decoded, and the disk's read busy time in them.
+        self.decode_io = {"steps": 0, "read_busy_s": 0.0}
+        self._io_since: float | None = None
         # Reads per mechanism (step / ahead / own) of the sequences released so far.
         self.reads: dict[str, dict[str, int]] = {}
         # Peak over steps of what the live sequences hold in memory (hot tier, metadata, tails).
@@ -177,6 +181,7 @@ class SparseRuntime:
         `meta`: the attention metadata; `step`: the connector's metadata of this step."""
         view = self._view(meta)
         if layer == 0:
+            self._account_step_io(view)
             if step is not None:
                 self.start_step(step, meta)
             self.steps += 1
@@ -200,6 +205,16 @@ class SparseRuntime:
                 continue
             out[s:e] = o.transpose(0, 1)
         return output
+
+    def _account_step_io(self, view: "_StepView") -> None:
+        """Close the previous step's I/O account and open this step's: the disk tier's read busy
+        time of steps in which every request decodes (benchmarks report it as I/O-only time)."""
+        busy = self.store.stats.read_busy_s
+        if self._io_since is not None:
+            self.decode_io["steps"] += 1
+            self.decode_io["read_busy_s"] += busy - self._io_since
+        pure_decode = bool(view.requests) and len(view.decoding) == len(view.requests)
+        self._io_since = busy if pure_decode else None
 
     def _select_own(self, layer: int, query: torch.Tensor, view: "_StepView") -> None:
         """Decoding requests with no selection for this layer yet (layers 0-1, or every layer
@@ -257,7 +272,7 @@ class SparseRuntime:
         path = os.environ.get(STATS_ENV)
         if path:
             self._stats_written = time.monotonic()
-            data = {"peak": self.peak, "steps": self.steps, "reads": self.reads, "adopted_tokens": self.adopted_tokens,
+            data = {"peak": self.peak, "steps": self.steps, "decode_io": self.decode_io, "reads": self.reads, "adopted_tokens": self.adopted_tokens,
                     "store": self.store.stats.as_dict()}
             tmp = Path(f"{path}.tmp")
             tmp.write_text(json.dumps(data))
@@ -305,10 +320,12 @@ def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> Spars
     adapter = adapter_for(options.predictor, identity.model_fingerprint, shape.head_dim)
     if not return_freed_memory_promptly():
         log.info("kvswap: not glibc: freed memory may stay resident after large transient tensors")
-    store = DiskStore(identity.sparse_store_config(options))
+    throttle = get_profile(options.storage_profile).throttle() if options.throttle_reads else None
+    store = DiskStore(identity.sparse_store_config(options), throttle=throttle)
     block_tokens = identity.block_size if identity.block_size % options.group_size == 0 else 0
-    log.info("kvswap: KVSwap decoding in vLLM: predictor %s, M=%d tokens, G=%d, disk tier %s",
-             options.predictor, budget, options.group_size, store.config.namespace)
+    log.info("kvswap: KVSwap decoding in vLLM: predictor %s, M=%d tokens, G=%d, disk tier %s%s",
+             options.predictor, budget, options.group_size, store.config.namespace,
+             f", reads throttled to the {options.storage_profile} profile" if throttle else "")
     config = DiskRuntimeConfig(selection, options.predictor, reuse=options.reuse, prefetch=options.prefetch)
     runtime = SparseRuntime(store, shape, config, adapter, block_tokens)
     if options.predictor == "dense" or not options.prefetch:
