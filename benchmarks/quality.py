@@ -3,7 +3,10 @@
     python -m benchmarks.quality --out results/quality.json      # also writes results/quality.png
 
 Runs in the HF reference runtime (kvswap_vllm.runtime.hf_kvswap): prefill dense, then decode
-steps attend to the selected groups + the tail, with layer-ahead query prediction. Each prompt
+steps attend to the selected groups + the tail. `--select exact` (default, as the disk runtimes
+do): each layer selects from its own query, the layer-ahead prediction only prefetches (its hit
+rate is reported as `ahead_hit`); `--select ahead`: layers >= 2 attend to the groups their
+layer-ahead prediction chose, as in the paper. Each prompt
 is prefilled once and the cache copied for every method, so all methods see the same prefix.
 - passkey: the built-in station log at several lengths and depths; the last 16 prompt tokens
   and the answer are decoded sparsely; correct = the key appears in the answer.
@@ -130,6 +133,7 @@ def teacher_forced(model, tok, ref: KVSwapReference, methods: list[str], context
         out[m] = {"ppl": math.exp(nll / positions), "recall_per_layer": [round(r, 4) for r in recall],
                   "recall": round(sum(recall[2:]) / len(recall[2:]), 4),
                   "reuse": round(sum(ref.stats.reuse_sum[2:]) / (len(recall[2:]) * steps), 4),
+                  "ahead_hit": None if ref.stats.ahead_hit() is None else round(ref.stats.ahead_hit(), 4),
                   "metadata_bytes_per_token_per_layer": round(
                       ref.predictor.metadata_bytes() / ((context + positions) * ref.shape.num_layers), 1),
                   "decode_s_per_step": round((time.perf_counter() - t0) / positions, 3)}
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-tokens", type=int, default=14)
     p.add_argument("--context", type=int, default=6500, help="dense prefix before teacher forcing")
     p.add_argument("--positions", type=int, default=512, help="teacher-forced positions (default: 512)")
+    p.add_argument("--select", choices=["exact", "ahead"], default="exact",
+                   help="layers >= 2 attend to their own query's selection (exact) or the layer-ahead one")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     methods = [m.strip() for m in args.methods.split(",")]
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model)
     tok, model, adapter = load(model_dir, args.adapter, args.calibration_tokens)
     selection = SelectionConfig(budget_tokens=args.budget, group_size=args.group_size)
-    ref = KVSwapReference(model, "dense", selection, adapter)
+    ref = KVSwapReference(model, "dense", selection, adapter, reselect=args.select == "exact")
     n = args.cases_per_length
     cases = [(int(length), round((k + 0.5) / n, 3), 100 + k) for length in args.lengths.split(",") for k in range(n)]
     t0 = time.perf_counter()
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "quality", "model": str(model_dir),
         "budget": {"budget_tokens": args.budget, "group_size": args.group_size, "rank": adapter.rank,
-                   "per_head_rank": adapter.per_head_rank, "layer_ahead": True},
+                   "per_head_rank": adapter.per_head_rank, "layer_ahead": True, "selection": args.select},
         "passkey_cases": [{"tokens": c[0], "depth": c[1], "seed": c[2]} for c in cases],
         "methods": {m: {"passkey_acc": round(sum(pk[m]) / len(pk[m]), 4), "passkey_hits": pk[m], **tf[m]}
                     for m in methods},

@@ -3,20 +3,25 @@ and against the other disk-offload designs, on the same engine and harness.
 
     python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\
         [--context 7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400] \\
-        [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-noprefetch,infinigen,dense-disk]
+        [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-noprefetch,kvswap-ahead,infinigen,dense-disk] \\
+        [--profiles native,emmc] [--split-io]
 
 Systems (SYSTEMS below): `vllm-full` stock vLLM; `kvswap`; `kvswap-noreuse` (every step reads
 its whole selection); `kvswap-noprefetch` (each layer selects from its own query when it runs,
-reads on the critical path); `infinigen` (InfiniGen*-style: the paper's low-rank predictor over
-single tokens, no reuse); `dense-disk` (FlexGen-style: the whole KV read from disk every step).
+reads on the critical path); `kvswap-ahead` (attends to the layer-ahead prediction, as the paper
+does, instead of re-selecting with each layer's own query); `infinigen` (InfiniGen*-style: the
+paper's low-rank predictor over single tokens, no reuse); `dense-disk` (FlexGen-style: the whole
+KV read from disk every step). `--profiles`: `native` is this machine's disk as it is; a profile
+name throttles every read to that device (bandwidth + latency per request) and takes its G.
+`--split-io` adds compute_only_s: the same row with its disk tier in RAM (tmpfs). io_only_s is
+the disk's busy time (a read in flight) per pure decode step, from the row's own run.
 With --out, a PNG of the rows is written beside the JSON (benchmarks/throughput_plot.py).
 
 Each row is one fresh engine process running a batch of `batch` built-in documents of ~context
 tokens (each with its own pass key) to `max-new-tokens` greedy tokens, stepping the engine by
 hand: step_s is the median time of the steps in which every request of the batch decodes one
 token (prefill steps excluded), tokens_per_s = batch / step_s; ttft_s is the last request's
-time to first token; peak_rss_mb is
-the engine's whole process tree; rss_growth_mb what the batch
+time to first token; peak_rss_mb is the engine's whole process tree; rss_growth_mb what the batch
 added to the loaded, idle engine; kv_memory_mb is what holds KV in memory: for `vllm-full` the
 KV of the batch's tokens in vLLM's paged pool (sized to fit them), for `kvswap` the hot tier +
 low-rank metadata + tails at their peak (vLLM's pool of the same logical size is mapped lazily
@@ -55,8 +60,11 @@ SYSTEMS: dict[str, dict] = {
     "kvswap": {"predictor": "kvswap"},
     "kvswap-noreuse": {"predictor": "kvswap", "reuse": False},
     "kvswap-noprefetch": {"predictor": "kvswap", "prefetch": False},
-    # InfiniGen*-style: the paper's low-rank predictor over single tokens, read every step.
-    "infinigen": {"predictor": "kvswap-paper", "group_size": 1, "reuse": False},
+    # Attends to the layer-ahead prediction, as the paper does (no exact re-selection).
+    "kvswap-ahead": {"predictor": "kvswap", "reselect": False},
+    # InfiniGen*-style: the paper's low-rank predictor over single tokens, read every step,
+    # attending to the layer-ahead prediction.
+    "infinigen": {"predictor": "kvswap-paper", "group_size": 1, "reuse": False, "reselect": False},
     # FlexGen-style dense offload: every token of every layer read from disk at every step.
     "dense-disk": {"predictor": "dense", "reuse": False},
 }

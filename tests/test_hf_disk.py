@@ -35,16 +35,20 @@ def disk_logits(model, seq, prompt: torch.Tensor, steps: int, chunk: int) -> lis
 # dense selects every group, so its hot tier must cover the whole context: full budget only.
 @pytest.mark.parametrize("predictor, budget", [(p, b) for p in ("kvswap", "kvswap-paper", "quest") for b in (8, 4096)]
                          + [("dense", 4096)])
-def test_matches_in_memory_reference_bit_for_bit(tmp_path: Path, predictor: str, budget: int) -> None:
+@pytest.mark.parametrize("reselect", [True, False])
+def test_matches_in_memory_reference_bit_for_bit(tmp_path: Path, predictor: str, budget: int, reselect: bool) -> None:
+    """The disk runtime attends to exactly what the in-memory reference does, whether layers
+    re-select with their own query (default) or attend to the layer-ahead prediction."""
     base = tiny_llama()
     adapter = adapter_for(base)
     sel = SelectionConfig(budget, 4)
     ref_model = copy.deepcopy(base)
-    KVSwapReference(ref_model, predictor, sel, adapter).start_sequence()
+    KVSwapReference(ref_model, predictor, sel, adapter, reselect=reselect).start_sequence()
     expected = greedy_logits(ref_model, PROMPT, 12)
     model = copy.deepcopy(base)
     with disk_store(tmp_path / "kv", model) as store:
-        rt = KVSwapDisk(model, store, DiskRuntimeConfig(sel, predictor, flush_groups=1, prefill_chunk=4096), adapter)
+        config = DiskRuntimeConfig(sel, predictor, flush_groups=1, prefill_chunk=4096, reselect=reselect)
+        rt = KVSwapDisk(model, store, config, adapter)
         seq = rt.new_sequence()
         got = disk_logits(model, seq, PROMPT, 12, chunk=4096)
         assert all(torch.equal(a, b) for a, b in zip(expected, got))

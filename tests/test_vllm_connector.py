@@ -44,6 +44,7 @@ def test_options_defaults_and_validation(tmp_path: Path) -> None:
     ({"reuse": 0}, "reuse must be true or false"),
     ({"prefetch": "off"}, "prefetch must be true or false"),
     ({"throttle_reads": "yes"}, "throttle_reads must be true or false"),
+    ({"reselect": None}, "reselect must be true or false"),
 ])
 def test_bad_options_are_refused_with_the_key_named(extra: dict, message: str) -> None:
     with pytest.raises(KVSwapError, match="kvswap connector") as err:

@@ -248,3 +248,38 @@ def test_early_step_reads_only_when_a_layer_has_new_groups(tmp_path: Path, reuse
         read = sum(st.groups_read for st in seq.prefetch.stats.by_source.values())
         assert read == (3 * 12 if reuse else reread)
         seq.close()
+
+
+@pytest.mark.parametrize("reselect", [True, False])
+def test_layer_attends_to_its_own_query_selection_when_it_reselects(tmp_path: Path, reselect: bool) -> None:
+    """A layer-ahead prediction that is wrong: with reselect the layer selects again from its
+    own query, reads only what the prediction missed ("exact" loads) and attends to the exact
+    selection; without, it attends to the predicted groups (the paper's behaviour)."""
+    from kvswap_vllm.predict.base import create_predictor
+    from kvswap_vllm.runtime.sequence import KVSwapSequence
+
+    shape = ModelShape(num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = StoreConfig(root=tmp_path, model_fingerprint="ab" * 16, num_layers=3, num_kv_heads=2, head_dim=8, group_size=4)
+    gen = torch.Generator().manual_seed(1)
+    k_all, v_all = torch.randn(2, 65, 8, generator=gen), torch.randn(2, 65, 8, generator=gen)
+    q_real, q_wrong = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    with DiskStore(cfg) as store:
+        config = DiskRuntimeConfig(SelectionConfig(16, 4), "quest", flush_groups=2, reselect=reselect)
+        seq = KVSwapSequence(store, shape, config)
+        for layer in range(3):
+            seq.prefill_kv(layer, k_all[:, :64], v_all[:, :64])
+        oracle = create_predictor("quest", shape, config.selection)
+        oracle.append_groups(2, k_all[:, :64].transpose(0, 1).reshape(16, 4, 2, 8))
+        exact, wrong = oracle.select(2, q_real), oracle.select(2, q_wrong)
+        assert not torch.equal(exact, wrong)  # the prediction misses groups
+        seq.submit(2, q_wrong, ahead=True)
+        assert seq.needs_selection(2) == reselect
+        kk, _ = seq.decode_kv(2, k_all[:, 64:65], v_all[:, 64:65], q_real)
+        attended = exact if reselect else wrong
+        want = k_all[:, (attended.view(-1, 1) * 4 + torch.arange(4)).flatten()]
+        assert torch.equal(kk[:, :-1], want) and torch.equal(kk[:, -1], k_all[:, 64])
+        by = seq.prefetch.stats.by_source
+        assert by["exact"].loads == int(reselect)
+        if reselect:  # only the groups the prediction missed were read again
+            assert by["exact"].groups_read == len(set(exact.tolist()) - set(wrong.tolist()))
+        seq.close()

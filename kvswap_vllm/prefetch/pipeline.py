@@ -5,8 +5,10 @@ Three mechanisms submit loads, named in the stats:
   last (the previous step's, or the last prompt token's), so reads start before the forward
   pass reaches the layer;
 - `ahead`: inside the pass, layer L predicts layer L+1's query (layer-ahead) and submits its
-  selection, which is the one the layer attends to;
-- `own`: a layer with no final submission selects from its own query, on the critical path.
+  selection, which the layer attends to (or, with reselect, which prefetches most of it);
+- `own`: a layer with no final submission selects from its own query, on the critical path;
+- `exact`: a layer whose selection was predicted selects again from its own query (reselect)
+  and reads what the prediction missed, on the critical path.
 A later submission for a layer supersedes an earlier one; loads of the hot tier only read the
 groups not already resident, so a superseded load's reads still serve the later selection when
 they overlap. A group read counts as useful when the selection the layer attends to holds it.
@@ -22,7 +24,7 @@ import torch
 
 from kvswap_vllm.hot.tier import HotTier, LoadResult
 
-SOURCES = ("step", "ahead", "own")
+SOURCES = ("step", "ahead", "own", "exact")
 
 
 @dataclass
@@ -56,7 +58,7 @@ class PrefetchStats:
     @property
     def synchronous(self) -> int:
         """Final selections made from the layer's own query, on the critical path."""
-        return self.by_source["own"].loads
+        return self.by_source["own"].loads + self.by_source["exact"].loads
 
     @property
     def overlap(self) -> float:

@@ -86,9 +86,11 @@ class KVSwapDisk:
         return self.current
 
     def _make_hook(self, layer: int):
-        """Before layer L runs (and before its cache update): layers 0 and 1 select from their
-        own query; layer L also selects for L+1 from L's input and L+1's W_q (layer-ahead).
-        Before layer 0, the step's early prefetch starts every later layer's reads."""
+        """Before layer L runs (and before its cache update, which may move the tail to disk):
+        layer L selects from its own query (layers 0 and 1 always; later layers when the config
+        re-selects, else they attend to their layer-ahead selection); then layer L selects for
+        L+1 from L's input and L+1's W_q (layer-ahead). Before layer 0, the step's early
+        prefetch starts every later layer's reads."""
 
         def hook(module, args, kwargs):
             seq = self.current
@@ -100,7 +102,8 @@ class KVSwapDisk:
             cos, sin = kwargs["position_embeddings"]
             for target in (layer, layer + 1):
                 ahead = target == layer + 1
-                if target >= self.shape.num_layers or (ahead and target < 2) or (not ahead and target >= 2):
+                if target >= self.shape.num_layers or (ahead and target < 2) or (
+                        not ahead and not seq.core.needs_selection(target)):
                     continue
                 q = layer_query(self._attn[target], hidden, cos, sin, self.shape.head_dim)
                 seq.core.submit(target, q, ahead=ahead)

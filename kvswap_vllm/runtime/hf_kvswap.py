@@ -31,9 +31,18 @@ class StepStats:
     reuse_sum: list[float] = field(default_factory=list)
     recall_steps: list[int] = field(default_factory=list)
     selected_tokens: int = 0
+    # With reselect, per layer: sum of the share of the exact selection that the layer-ahead
+    # prediction had already chosen (what its prefetch would have read), and the steps counted.
+    ahead_hit_sum: list[float] = field(default_factory=list)
+    ahead_steps: list[int] = field(default_factory=list)
 
     def recall(self) -> list[float]:
         return [s / n if n else float("nan") for s, n in zip(self.recall_sum, self.recall_steps)]
+
+    def ahead_hit(self) -> float | None:
+        """Share of the exact selections' groups the layer-ahead prediction had chosen."""
+        steps = sum(self.ahead_steps)
+        return sum(self.ahead_hit_sum) / steps if steps else None
 
 
 def model_shape(config) -> ModelShape:
@@ -68,9 +77,12 @@ class KVSwapReference:
     """Installs sparse decoding into `model`; `start_sequence` before each prompt."""
 
     def __init__(self, model, predictor: str, selection: SelectionConfig, adapter=None,
-                 layer_ahead: bool = True, measure_recall: bool = False) -> None:
+                 layer_ahead: bool = True, measure_recall: bool = False, reselect: bool = True) -> None:
+        """`layer_ahead`: layers >= 2 predict their query from the previous layer's input;
+        `reselect`: they attend to the selection of their own query (the prediction only
+        prefetches, as in the disk runtimes' default), else to the predicted selection."""
         self.model, self.predictor_name, self.selection, self.adapter = model, predictor, selection, adapter
-        self.layer_ahead, self.measure_recall = layer_ahead, measure_recall
+        self.layer_ahead, self.measure_recall, self.reselect = layer_ahead, measure_recall, reselect
         self.shape = model_shape(model.config)
         self.sparse = True
         self.predictor: Predictor = create_predictor(predictor, self.shape, selection, adapter)
@@ -91,7 +103,8 @@ class KVSwapReference:
         """Forget the previous sequence's metadata and counters."""
         self.predictor = create_predictor(self.predictor_name, self.shape, self.selection, self.adapter)
         n = self.shape.num_layers
-        self.stats = StepStats(recall_sum=[0.0] * n, reuse_sum=[0.0] * n, recall_steps=[0] * n)
+        self.stats = StepStats(recall_sum=[0.0] * n, reuse_sum=[0.0] * n, recall_steps=[0] * n,
+                               ahead_hit_sum=[0.0] * n, ahead_steps=[0] * n)
         self._q_pred.clear()
         self._last.clear()
 
@@ -112,8 +125,12 @@ class KVSwapReference:
     def _decode(self, module, query, key, value, **kwargs):
         layer, g = module.layer_idx, self.selection.group_size
         real_q = query[0, :, -1]
-        q = self._q_pred.get(layer, real_q) if self.layer_ahead and layer >= 2 else real_q
-        groups = self.predictor.select(layer, q)
+        predicted = self._q_pred.get(layer) if self.layer_ahead and layer >= 2 else None
+        groups = self.predictor.select(layer, real_q if predicted is None or self.reselect else predicted)
+        if predicted is not None and self.reselect and len(groups):
+            ahead = set(self.predictor.select(layer, predicted).tolist())
+            self.stats.ahead_hit_sum[layer] += sum(g in ahead for g in groups.tolist()) / len(groups)
+            self.stats.ahead_steps[layer] += 1
         positions = selected_positions(groups, g, self.predictor.num_groups(layer) * g, key.shape[2])
         k_sel, v_sel = gather_kv(key, value, positions)
         st = self.stats

@@ -37,6 +37,11 @@ class DiskRuntimeConfig:
     # False: no early step reads, and every layer selects from its own query when it runs,
     # with its reads on the critical path (the no-prefetch baseline).
     prefetch: bool = True
+    # True: a layer whose selection was predicted (layer-ahead or step start) selects again from
+    # its own query when it runs and attends to that; the prediction's reads serve as prefetch,
+    # and the groups it missed are read on the critical path. False: attend to the prediction,
+    # as the paper does (fewer reads on the critical path; lower quality, see README).
+    reselect: bool = True
 
 
 #: Layers below this select from their own query (nothing before them predicts it).
@@ -102,8 +107,8 @@ class KVSwapSequence:
         self.disk_groups = [start] * n
         self._k: list[torch.Tensor | None] = [None] * n  # the tails
         self._v: list[torch.Tensor | None] = [None] * n
-        # Layers whose selection for this step is submitted (layer-ahead or own query).
-        self._submitted: set[int] = set()
+        # Layers whose selection for this step is submitted -> from their own query (else predicted).
+        self._submitted: dict[int, bool] = {}
         # The query each layer selected with last: the next step's early prefetch reuses it.
         self._query: list[torch.Tensor | None] = [None] * n
         # Full groups each layer had when it last selected (-1: never selected yet).
@@ -187,13 +192,16 @@ class KVSwapSequence:
             seq._submit_selected(layer, query, ids, ahead)
 
     def needs_selection(self, layer: int) -> bool:
-        """No selection of this step is submitted for `layer` yet."""
-        return layer not in self._submitted
+        """`layer` still has to select from its own query this step: nothing is submitted for it
+        yet, or only a prediction and the config re-selects."""
+        own = self._submitted.get(layer)
+        return own is None or (not own and self.config.reselect)
 
     def _submit_selected(self, layer: int, query: torch.Tensor, groups: torch.Tensor, ahead: bool) -> None:
         self._query[layer] = query.clone()  # never a view that keeps an engine's batch alive
-        self.prefetch.submit(layer, groups, "ahead" if ahead else "own")
-        self._submitted.add(layer)
+        source = "ahead" if ahead else "exact" if layer in self._submitted else "own"
+        self.prefetch.submit(layer, groups, source)
+        self._submitted[layer] = not ahead
         self._selected_over[layer] = self.predictor.num_groups(layer)
 
     def prefetch_step(self) -> None:
@@ -221,11 +229,11 @@ class KVSwapSequence:
     def hot_kv(self, layer: int, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `layer`'s selected groups, (H, slots*G, d); selects from `query` now if
         nothing was submitted for this layer."""
-        if layer not in self._submitted:
+        if self.needs_selection(layer) and (query is not None or layer not in self._submitted):
             if query is None:
                 raise RuntimeError(f"layer {layer}: no selection submitted and no query given")
             self.submit(layer, query, ahead=False)
-        self._submitted.discard(layer)
+        self._submitted.pop(layer, None)
         res = self.prefetch.wait(layer)
         if res.unavailable:
             raise RuntimeError(f"layer {layer}: groups {res.unavailable[:5]} are not in the disk tier")

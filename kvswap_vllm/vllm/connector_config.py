@@ -50,6 +50,10 @@ class ConnectorConfig:
     # layer-ahead, no early step reads), its reads on the critical path.
     reuse: bool = True
     prefetch: bool = True
+    # Each layer selects again from its own query and reads what the layer-ahead prediction
+    # missed (exact selection; the prediction is a prefetch). false: attend to the prediction,
+    # as the paper does (fewer reads on the critical path, lower quality).
+    reselect: bool = True
     # Benchmarks: KVSwap decoding's reads wait as long as `storage_profile`'s device would take
     # (its bandwidth and per-request latency), so a fast disk stands in for an eMMC or SD card.
     throttle_reads: bool = False
@@ -70,7 +74,7 @@ class ConnectorConfig:
                               f"supported: {', '.join(sorted(PREDICTORS))}")
         if self.direct_io not in ("auto", "on", "off"):
             raise KVSwapError(f"kvswap connector: direct_io must be 'auto', 'on' or 'off', got {self.direct_io!r}")
-        for name in ("save_decode", "reuse", "prefetch", "throttle_reads"):
+        for name in ("save_decode", "reuse", "prefetch", "reselect", "throttle_reads"):
             if not isinstance(getattr(self, name), bool):
                 raise KVSwapError(f"kvswap connector: {name} must be true or false, got {getattr(self, name)!r}")
         try:

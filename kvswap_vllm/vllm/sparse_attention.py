@@ -326,7 +326,8 @@ def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> Spars
     log.info("kvswap: KVSwap decoding in vLLM: predictor %s, M=%d tokens, G=%d, disk tier %s%s",
              options.predictor, budget, options.group_size, store.config.namespace,
              f", reads throttled to the {options.storage_profile} profile" if throttle else "")
-    config = DiskRuntimeConfig(selection, options.predictor, reuse=options.reuse, prefetch=options.prefetch)
+    config = DiskRuntimeConfig(selection, options.predictor, reuse=options.reuse, prefetch=options.prefetch,
+                                reselect=options.reselect)
     runtime = SparseRuntime(store, shape, config, adapter, block_tokens)
     if options.predictor == "dense" or not options.prefetch:
         pass  # nothing to predict (everything is selected), or the no-prefetch ablation
