@@ -3,7 +3,9 @@
     python -m benchmarks.quality --out results/quality.json      # also writes results/quality.png
 
 Runs in the HF reference runtime (kvswap_vllm.runtime.hf_kvswap): prefill dense, then decode
-steps attend to the selected groups + the tail. `--select exact` (default, as the disk runtimes
+steps attend to the selected groups + the tail (the newest decoded tokens, up to
+`--flush-groups` x G - 1 of them, as the disk runtimes keep them in memory until a whole
+batch of groups goes to disk; the prompt's groups are all selectable). `--select exact` (default, as the disk runtimes
 do): each layer selects from its own query, the layer-ahead prediction only prefetches (its hit
 rate is reported as `ahead_hit`); `--select ahead`: layers >= 2 attend to the groups their
 layer-ahead prediction chose, as in the paper. Each prompt
@@ -180,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-tokens", type=int, default=14)
     p.add_argument("--context", type=int, default=6500, help="dense prefix before teacher forcing")
     p.add_argument("--positions", type=int, default=512, help="teacher-forced positions (default: 512)")
+    p.add_argument("--flush-groups", type=int, default=16,
+                   help="decoded tokens stay in the always-attended tail until it holds this many groups, "
+                        "as in the disk runtimes (default: 16); 1 = the paper's tail of < G tokens")
     p.add_argument("--select", choices=["exact", "ahead"], default="exact",
                    help="layers >= 2 attend to their own query's selection (exact) or the layer-ahead one")
     args = p.parse_args(argv)
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model)
     tok, model, adapter = load(model_dir, args.adapter, args.calibration_tokens)
     selection = SelectionConfig(budget_tokens=args.budget, group_size=args.group_size)
-    ref = KVSwapReference(model, "dense", selection, adapter, reselect=args.select == "exact")
+    ref = KVSwapReference(model, "dense", selection, adapter, reselect=args.select == "exact",
+                          flush_groups=args.flush_groups)
     n = args.cases_per_length
     cases = [(int(length), round((k + 0.5) / n, 3), 100 + k) for length in args.lengths.split(",") for k in range(n)]
     t0 = time.perf_counter()
@@ -199,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "quality", "model": str(model_dir),
         "budget": {"budget_tokens": args.budget, "group_size": args.group_size, "rank": adapter.rank,
-                   "per_head_rank": adapter.per_head_rank, "layer_ahead": True, "selection": args.select},
+                   "per_head_rank": adapter.per_head_rank, "layer_ahead": True, "selection": args.select,
+                   # decoded tokens attended besides the M selected ones: the tail, 0 .. this many
+                   "tail_tokens_max": args.flush_groups * args.group_size - 1},
         "passkey_cases": [{"tokens": c[0], "depth": c[1], "seed": c[2]} for c in cases],
         "methods": {m: {"passkey_acc": round(sum(pk[m]) / len(pk[m]), 4), "passkey_hits": pk[m], **tf[m]}
                     for m in methods},

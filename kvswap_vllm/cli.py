@@ -36,6 +36,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
     from kvswap_vllm.models.prepare import PrepareOptions, prepare_model
 
@@ -92,7 +102,7 @@ def _kvswap_options(args: argparse.Namespace):
     chosen = args.predictor or ("kvswap" if args.engine == "hf" else "none")
     predictor = None if chosen == "none" else chosen
     return KVSwapOptions(predictor=predictor, budget_tokens=args.budget_tokens, group_size=args.group_size,
-                         kv_dir=args.kv_dir, storage_profile=args.storage_profile, adapter=args.adapter,
+                         hot_tier_mb=args.budget_mb, kv_dir=args.kv_dir, storage_profile=args.storage_profile, adapter=args.adapter,
                          prefix_tier=args.vllm_connector == "kvswap")
 
 
@@ -342,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "none = the engine's own in-memory KV cache")
     gen.add_argument("--budget-tokens", type=_positive_int, default=400,
                      help="M: tokens each layer attends to per step, besides the rolling tail (default: 400)")
+    gen.add_argument("--budget-mb", type=_positive_float, default=None,
+                     help="hot tier of one sequence over all layers, MiB: sets M instead of --budget-tokens "
+                     "(the low-rank metadata and the tail come on top; both are reported)")
     gen.add_argument("--group-size", type=_positive_int, default=4, help="G: tokens per group (default: 4)")
     gen.add_argument("--storage-profile", default=None,
                      help="nvme, ufs, emmc, sd or a probe JSON: emulate that device's reads")

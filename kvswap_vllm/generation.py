@@ -46,6 +46,8 @@ class KVSwapOptions:
     budget_tokens: int = 400
     # G: tokens per group (one disk request).
     group_size: int = 4
+    # Hot tier of one sequence (all layers), MiB: when set, it decides M (budget_tokens ignored).
+    hot_tier_mb: float | None = None
     # Disk tier root; None = ~/.cache/kvswap/kv.
     kv_dir: Path | None = None
     # Built-in profile name or probe JSON: throttles reads to that device (benchmarks).

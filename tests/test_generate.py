@@ -89,3 +89,21 @@ def test_cli_missing_adapter_is_a_clear_error(default_model: Path, tmp_path: Pat
     res = run_kvswap("generate", "--engine", "hf", "--model", str(default_model),
                      "--adapter", str(tmp_path / "nope"), "--document-tokens", "300")
     assert res.returncode == 2 and "no low-rank adapter" in res.stderr and "kvswap calibrate" in res.stderr
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_cli_kvswap_decoding_with_a_hot_tier_budget_in_mib(engine: str, default_model: Path, tmp_path: Path) -> None:
+    """--budget-mb sizes one sequence's hot tier (all layers + a staging layer) and so decides M:
+    20 MiB / (30 + 1 layers x 1,536 bytes per token) = 440 tokens, on both engines (on vLLM through
+    the connector's KVSwap decoding)."""
+    res = run_kvswap("generate", "--engine", engine, "--model", str(default_model), "--predictor", "kvswap",
+                     "--budget-mb", "20", "--document-tokens", "1500", "--kv-dir", str(tmp_path / "kv"),
+                     "--check", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["correct"] is True
+    if engine == "hf":
+        assert "M=440 tokens" in report["kv_path"]
+        assert report["prompts"][0]["hot_tier_bytes"] <= 20 << 20
+    else:
+        assert "KVSwap decoding" in report["kv_path"] and "M=440 tokens" in res.stderr

@@ -43,11 +43,11 @@ def test_matches_in_memory_reference_bit_for_bit(tmp_path: Path, predictor: str,
     adapter = adapter_for(base)
     sel = SelectionConfig(budget, 4)
     ref_model = copy.deepcopy(base)
-    KVSwapReference(ref_model, predictor, sel, adapter, reselect=reselect).start_sequence()
+    KVSwapReference(ref_model, predictor, sel, adapter, reselect=reselect, flush_groups=3).start_sequence()
     expected = greedy_logits(ref_model, PROMPT, 12)
     model = copy.deepcopy(base)
     with disk_store(tmp_path / "kv", model) as store:
-        config = DiskRuntimeConfig(sel, predictor, flush_groups=1, prefill_chunk=4096, reselect=reselect)
+        config = DiskRuntimeConfig(sel, predictor, flush_groups=3, prefill_chunk=4096, reselect=reselect)
         rt = KVSwapDisk(model, store, config, adapter)
         seq = rt.new_sequence()
         got = disk_logits(model, seq, PROMPT, 12, chunk=4096)

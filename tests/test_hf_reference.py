@@ -47,15 +47,19 @@ def greedy_logits(model, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]
 PROMPT = torch.randint(0, 128, (1, 61), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.parametrize("flush_groups", [1, 16])
 @pytest.mark.parametrize("name", list(PREDICTORS))
-def test_full_budget_is_bit_identical_to_dense(name: str) -> None:
+def test_full_budget_is_bit_identical_to_dense(name: str, flush_groups: int) -> None:
     dense = tiny_llama()
     sparse = copy.deepcopy(dense)
-    ref = KVSwapReference(sparse, name, SelectionConfig(budget_tokens=4096, group_size=4), adapter_for(sparse))
+    ref = KVSwapReference(sparse, name, SelectionConfig(budget_tokens=4096, group_size=4), adapter_for(sparse),
+                          flush_groups=flush_groups)
     ref.start_sequence()
     a, b = greedy_logits(dense, PROMPT, 12), greedy_logits(sparse, PROMPT, 12)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert ref.stats.steps == 12 and ref.predictor.num_groups(0) == (61 + 12 - 1) // 4
+    # Decoded tokens become selectable groups once the tail holds flush_groups groups (the
+    # prompt's 15 whole groups at once).
+    assert ref.stats.steps == 12 and ref.predictor.num_groups(0) == ((61 + 12 - 1) // 4 if flush_groups == 1 else 15)
 
 
 @pytest.mark.parametrize("name", ["kvswap", "kvswap-paper", "quest", "window"])
@@ -63,7 +67,7 @@ def test_small_budget_restricts_attention(name: str) -> None:
     dense = tiny_llama()
     sparse = copy.deepcopy(dense)
     sel = SelectionConfig(budget_tokens=8, group_size=4)
-    ref = KVSwapReference(sparse, name, sel, adapter_for(sparse), measure_recall=True)
+    ref = KVSwapReference(sparse, name, sel, adapter_for(sparse), measure_recall=True, flush_groups=1)
     ref.start_sequence()
     a, b = greedy_logits(dense, PROMPT, 6), greedy_logits(sparse, PROMPT, 6)
     assert torch.equal(a[0], b[0])  # prefill stays dense

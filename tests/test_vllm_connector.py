@@ -363,3 +363,19 @@ def test_decode_reads_use_at_most_half_the_cores() -> None:
     assert decode_io_threads(16, cpus=2) == 1  # this machine: reads never crowd out the forward pass
     assert decode_io_threads(16, cpus=8) == 4  # e.g. a Jetson Orin
     assert decode_io_threads(2, cpus=64) == 2  # the device's queue depth still caps it
+
+
+def test_generate_options_map_to_the_connector() -> None:
+    """`kvswap generate --engine vllm`: KVSwap decoding options become connector options (a
+    per-request hot tier scaled to the requests decoded together, a profile throttles reads)."""
+    from kvswap_vllm.generation import KVSwapOptions
+    from kvswap_vllm.vllm.offline import SPARSE_MAX_NUM_SEQS, connector_options
+
+    assert connector_options(KVSwapOptions(predictor=None, kv_dir=Path("/kv"))) == {"kv_dir": "/kv"}
+    extra = connector_options(KVSwapOptions(predictor="quest", budget_tokens=200, group_size=8, hot_tier_mb=20,
+                                            storage_profile="emmc"))
+    cfg = ConnectorConfig.from_extra_config(extra)
+    assert (cfg.predictor, cfg.budget_tokens, cfg.group_size) == ("quest", 200, 8)
+    assert cfg.hot_tier_mb == 20 * SPARSE_MAX_NUM_SEQS and cfg.throttle_reads and cfg.storage_profile == "emmc"
+    with pytest.raises(KVSwapError, match="--adapter is not supported with --engine vllm"):
+        connector_options(KVSwapOptions(adapter=Path("/a")))

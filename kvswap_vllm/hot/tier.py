@@ -8,8 +8,22 @@ from typing import Callable
 
 import torch
 
+from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.store.disk_store import DiskStore, ReadResult
 from kvswap_vllm.store.fileio import aligned_tensor
+
+
+def budget_tokens_for(mib: float, token_bytes: int, num_layers: int, sequences: int, group_size: int,
+                      what: str = "the hot tier budget") -> int:
+    """M that a hot tier of `mib` MiB affords each of `sequences` sequences: per sequence it
+    holds M tokens of every layer plus one layer's staging buffer (`token_bytes`: K+V of one
+    token in one layer); whole groups. Less than one group is refused, naming `what`."""
+    per_token = token_bytes * (num_layers + 1) * sequences
+    m = int(mib * (1 << 20)) // per_token // group_size * group_size
+    if m < group_size:
+        raise KVSwapError(f"{what} of {mib} MiB holds less than one group of {group_size} tokens per layer for "
+                          f"{sequences} sequence(s); need at least {per_token * group_size / (1 << 20):.2f} MiB")
+    return m
 
 
 @dataclass

@@ -31,10 +31,11 @@ class HFGenerator(Generator):
         else:
             self._runtime, self._store = self._kvswap_runtime(opts)
             self.kv_path = (f"hf: KVSwap, KV cache on disk ({self._store.config.root}); predictor {opts.predictor}, "
-                            f"M={opts.budget_tokens} tokens, G={opts.group_size}"
+                            f"M={self._runtime.config.selection.budget_tokens} tokens, G={opts.group_size}"
                             + (f", storage profile {opts.storage_profile}" if opts.storage_profile else ""))
 
     def _kvswap_runtime(self, opts: KVSwapOptions):
+        from kvswap_vllm.hot.tier import budget_tokens_for
         from kvswap_vllm.models.fingerprint import model_fingerprint
         from kvswap_vllm.paths import kv_dir
         from kvswap_vllm.predict.adapter import adapter_for
@@ -54,7 +55,11 @@ class HFGenerator(Generator):
                                       group_size=opts.group_size, dtype=dtype,
                                       **(profile.store_settings() if profile else {})),
                           throttle=profile.throttle() if profile else None)
-        selection = SelectionConfig(budget_tokens=opts.budget_tokens, group_size=opts.group_size)
+        budget = opts.budget_tokens
+        if opts.hot_tier_mb is not None:
+            token_bytes = shape.num_kv_heads * shape.head_dim * 2 * self._model.dtype.itemsize
+            budget = budget_tokens_for(opts.hot_tier_mb, token_bytes, shape.num_layers, 1, opts.group_size, "--budget-mb")
+        selection = SelectionConfig(budget_tokens=budget, group_size=opts.group_size)
         if opts.predictor == "dense":
             selection = SelectionConfig(budget_tokens=self.config.max_model_len, group_size=opts.group_size)
         return KVSwapDisk(self._model, store, DiskRuntimeConfig(selection, opts.predictor), adapter), store

@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvswap_vllm.attention.sparse import attention_mass, gather_kv, selected_positions
 from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor
+from kvswap_vllm.runtime.sequence import DiskRuntimeConfig
 
 ATTENTION_NAME = "kvswap_reference"
 
@@ -77,12 +78,18 @@ class KVSwapReference:
     """Installs sparse decoding into `model`; `start_sequence` before each prompt."""
 
     def __init__(self, model, predictor: str, selection: SelectionConfig, adapter=None,
-                 layer_ahead: bool = True, measure_recall: bool = False, reselect: bool = True) -> None:
+                 layer_ahead: bool = True, measure_recall: bool = False, reselect: bool = True,
+                 flush_groups: int = DiskRuntimeConfig.flush_groups) -> None:
         """`layer_ahead`: layers >= 2 predict their query from the previous layer's input;
         `reselect`: they attend to the selection of their own query (the prediction only
-        prefetches, as in the disk runtimes' default), else to the predicted selection."""
+        prefetches, as in the disk runtimes' default), else to the predicted selection;
+        `flush_groups`: decoded tokens stay in the tail (always attended, not selectable) until
+        it holds that many groups, as in the disk runtimes (1: the paper's tail of < G tokens)."""
+        if flush_groups < 1:
+            raise ValueError(f"flush_groups must be >= 1, got {flush_groups}")
         self.model, self.predictor_name, self.selection, self.adapter = model, predictor, selection, adapter
         self.layer_ahead, self.measure_recall, self.reselect = layer_ahead, measure_recall, reselect
+        self.flush_groups = flush_groups
         self.shape = model_shape(model.config)
         self.sparse = True
         self.predictor: Predictor = create_predictor(predictor, self.shape, selection, adapter)
@@ -148,11 +155,14 @@ class KVSwapReference:
         return sdpa_attention_forward(module, query, k_sel, v_sel, None, **kwargs)
 
     def _record_groups(self, module, key, new_tokens: int) -> None:
-        """Metadata for groups completed before this step's tokens: a group the current token
-        completes stays in the tail for this step, so a token always attends to itself."""
+        """Metadata for groups completed before this step's tokens (a group the current token
+        completes stays in the tail for this step, so a token always attends to itself); in
+        decode only once the tail holds `flush_groups` groups, as the disk runtimes flush it."""
         layer, g = module.layer_idx, self.selection.group_size
         before = key.shape[2] - new_tokens if new_tokens == 1 else key.shape[2]
         have, full = self.predictor.num_groups(layer), before // g
+        if new_tokens == 1 and before - have * g < self.flush_groups * g:
+            full = have
         if full > have:
             new = key[0, :, have * g:full * g].transpose(0, 1)  # (tokens, H, d)
             self.predictor.append_groups(layer, new.reshape(full - have, g, *new.shape[1:]))

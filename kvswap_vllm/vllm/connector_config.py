@@ -103,13 +103,10 @@ class ConnectorConfig:
         plus one layer's staging buffer)."""
         if self.hot_tier_mb is None:
             return self.budget_tokens
-        per_token = token_bytes * (num_layers + 1) * max_num_seqs
-        m = int(self.hot_tier_mb * (1 << 20)) // per_token // self.group_size * self.group_size
-        if m < self.group_size:
-            raise KVSwapError(f"kvswap connector: hot_tier_mb={self.hot_tier_mb} holds less than one group of "
-                              f"{self.group_size} tokens per layer for {max_num_seqs} requests; need at least "
-                              f"{per_token * self.group_size / (1 << 20):.1f} MiB, or lower --max-num-seqs")
-        return m
+        from kvswap_vllm.hot.tier import budget_tokens_for
+
+        return budget_tokens_for(self.hot_tier_mb, token_bytes, num_layers, max_num_seqs, self.group_size,
+                                 "kvswap connector: hot_tier_mb (lower --max-num-seqs or raise it)")
 
     @property
     def root(self) -> Path:

