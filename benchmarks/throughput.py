@@ -154,29 +154,70 @@ def _run_child(spec: dict) -> tuple[dict, dict | None]:
             raise RuntimeError(f"{spec['system']} batch {spec['batch']} failed:\n{proc.stderr[-4000:]}")
         out = json.loads(out_path.read_text())
         stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
-    if spec["options"] is not None and stats is None:
+    if spec["options"] is not None and stats is None and spec["engine"] == "vllm":
         raise RuntimeError("the kvswap worker wrote no memory statistics")
     return out, stats
 
 
+#: Systems of `--engine hf` (HF transformers, one prompt at a time): its own dense cache, or KVSwap.
+HF_SYSTEMS = ("hf-full", "kvswap")
+
+
+def _child_hf(spec_path: Path, out_path: Path) -> None:
+    """One HF process: the batch's prompts one after another (the HF runtime decodes one
+    sequence at a time); decode time is from each prompt's first token to its last."""
+    spec = json.loads(spec_path.read_text())
+    from kvswap_vllm.generation import GenerationConfig, KVSwapOptions, create_generator
+    from kvswap_vllm.resources import ResourceMeter, tree_rss_bytes
+
+    opts = spec["options"]
+    kv = KVSwapOptions(predictor=None) if opts is None else KVSwapOptions(
+        predictor=opts["predictor"], budget_tokens=spec["budget_tokens"], group_size=opts.get("group_size", 4),
+        kv_dir=Path(spec["kv_dir"]), storage_profile=opts.get("storage_profile"))
+    config = GenerationConfig(model=Path(spec["model"]), max_new_tokens=spec["max_new_tokens"],
+                              max_model_len=spec["max_model_len"], kvswap=kv)
+    with ResourceMeter() as meter:
+        gen = create_generator("hf", config)
+        gen.generate([spec["prompts"][0][:16]])  # touches every weight: idle = loaded and warm
+        idle_rss = tree_rss_bytes()
+        t0 = time.perf_counter()
+        results = gen.generate(spec["prompts"])
+        wall = time.perf_counter() - t0
+        gen.close()
+    steps = sum(r.new_tokens - 1 for r in results)
+    step_s = sum(r.decode_s for r in results) / max(1, steps)
+    kv_peak = max((sum(r.extra.get(k, 0) for k in ("hot_tier_bytes", "metadata_bytes", "tail_bytes")) for r in results),
+                  default=0)
+    out_path.write_text(json.dumps({
+        "texts": [r.text for r in results], "step_s": step_s, "tokens_per_s": 1 / step_s, "decode_steps": steps,
+        "ttft_s": max(r.ttft_s for r in results), "wall_s": wall, "kv_peak_bytes": kv_peak,
+        "peak_rss_mb": meter.usage.peak_rss_bytes / 2**20, "idle_rss_mb": idle_rss / 2**20,
+        "disk_read_mb": meter.usage.disk_read_bytes / 2**20,
+    }))
+
+
 def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: int, budget_tokens: int,
-            kv_dir: Path, profile: str = NATIVE, split_io: bool = False) -> dict:
+            kv_dir: Path, profile: str = NATIVE, split_io: bool = False, engine: str = "vllm") -> dict:
     docs = [build_document(num_entries=entries_for_tokens(context), depth=(i + 0.5) / batch, seed=100 + i)
             for i in range(batch)]
     prompts = [chat_prompt_ids(model, d.prompt()) for d in docs]
     longest = max(len(p) for p in prompts) + max_new_tokens
     need = batch * (longest + 128) * kv_bytes_per_token(model)
-    options = system_options(system, profile, model, budget_tokens)
-    spec = {"model": str(model), "system": system, "options": options, "prompts": prompts, "batch": batch,
+    options = None if system == "hf-full" else system_options(system, profile, model, budget_tokens)
+    spec = {"model": str(model), "system": system, "engine": engine, "options": options, "prompts": prompts, "batch": batch,
             "kv_dir": str(kv_dir), "max_new_tokens": max_new_tokens, "budget_tokens": budget_tokens,
             "max_model_len": longest + 128, "pool_gib": max(1, math.ceil(need * 1.1 / 2**30))}
     out, stats = _run_child(spec)
     compute_only_s, io_only_s = None, None
-    if options is None:
+    if engine == "hf":  # one sequence at a time: the KV held at once is one sequence's
+        kv_memory = (max(len(p) for p in prompts) + max_new_tokens) * kv_bytes_per_token(model) \
+            if options is None else out["kv_peak_bytes"]
+    elif options is None:
         kv_memory = sum(len(p) + max_new_tokens for p in prompts) * kv_bytes_per_token(model)
         compute_only_s, io_only_s = out["step_s"], 0.0  # nothing is read
     else:
         kv_memory = stats["peak"]["kv_memory_bytes"]
+    if engine == "vllm" and options is not None:
         io = stats.get("decode_io") or {}
         if io.get("steps"):
             io_only_s = io["read_busy_s"] / io["steps"]
@@ -187,7 +228,7 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     bound = max(compute_only_s, io_only_s) if compute_only_s is not None and io_only_s is not None else None
     return {
-        "system": system, "engine": "vllm", "context": round(sum(map(len, prompts)) / batch), "batch": batch,
+        "system": system, "engine": engine, "context": round(sum(map(len, prompts)) / batch), "batch": batch,
         "profile": profile, "group_size": None if options is None else options.get("group_size", 4),
         "tokens_per_s": round(out["tokens_per_s"], 2), "step_s": round(out["step_s"], 4),
         # Step time with the disk tier in RAM, and the disk's busy time per decode step: a step
@@ -198,7 +239,7 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
         "peak_rss_mb": round(out["peak_rss_mb"], 1), "kv_memory_mb": round(kv_memory / 2**20, 1),
         # What serving the batch added to the loaded, idle engine's resident memory.
         "rss_growth_mb": round(out["peak_rss_mb"] - out["idle_rss_mb"], 1),
-        "weights_mb": round(weights / 2**20, 1), "vllm_pool_gib": spec["pool_gib"],
+        "weights_mb": round(weights / 2**20, 1), "vllm_pool_gib": spec["pool_gib"] if engine == "vllm" else None,
         "passkeys_correct": sum(d.is_correct(t) for d, t in zip(docs, out["texts"])),
         "memory_detail_mb": {k: round(v / 2**20, 2) for k, v in stats["peak"].items() if k.endswith("bytes")}
         if stats else None,
@@ -213,15 +254,17 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", choices=["vllm"], default="vllm")
+    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm",
+                   help=f"vllm, or hf (HF transformers, prompts one at a time; systems {', '.join(HF_SYSTEMS)})")
     p.add_argument("--out", type=Path)
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--context", type=int, default=7000)
     p.add_argument("--batch", default="1,4,8")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--budget-tokens", type=int, default=400)
-    p.add_argument("--systems", default="vllm-full,kvswap",
-                   help=f"comma-separated: vllm-full, {', '.join(SYSTEMS)}")
+    p.add_argument("--systems", default=None,
+                   help=f"comma-separated: vllm-full, {', '.join(SYSTEMS)} (default: vllm-full,kvswap; "
+                        "--engine hf: hf-full,kvswap)")
     p.add_argument("--profiles", default=NATIVE,
                    help=f"comma-separated storage profiles: {NATIVE} (this disk as it is), or {', '.join(PROFILES)} "
                         "(reads throttled to that device; G from the profile)")
@@ -230,27 +273,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        _child(*args.child)
+        engine = json.loads(args.child[0].read_text())["engine"]
+        (_child_hf if engine == "hf" else _child)(*args.child)
         return 0
-    systems, profiles = args.systems.split(","), args.profiles.split(",")
-    unknown = sorted(set(systems) - {"vllm-full", *SYSTEMS})
+    known = HF_SYSTEMS if args.engine == "hf" else ("vllm-full", *SYSTEMS)
+    systems, profiles = (args.systems or ",".join(known[:2])).split(","), args.profiles.split(",")
+    unknown = sorted(set(systems) - set(known))
     if unknown:
-        p.error(f"unknown system(s) {', '.join(unknown)}; known: vllm-full, {', '.join(SYSTEMS)}")
+        p.error(f"unknown system(s) {', '.join(unknown)} for --engine {args.engine}; known: {', '.join(known)}")
     bad = sorted(set(profiles) - {NATIVE, *PROFILES})
     if bad:
         p.error(f"unknown profile(s) {', '.join(bad)}; known: {NATIVE}, {', '.join(PROFILES)}")
     if args.split_io and not os.path.isdir(RAM_DIR):
         p.error(f"--split-io keeps a disk tier in RAM under {RAM_DIR}, which this machine lacks")
     model = args.model or default_model_path()
+    stock = ("vllm-full", "hf-full")  # read nothing: once per batch
     cases = [(b, prof, sys_) for b in (int(x) for x in args.batch.split(",")) for prof in profiles for sys_ in systems
-             if not (sys_ == "vllm-full" and prof != profiles[0])]  # stock vLLM reads nothing: once per batch
+             if not (sys_ in stock and prof != profiles[0])]
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvswap-throughput-") as kv:
         for n, (batch, profile, system) in enumerate(cases, 1):
             print(f"[throughput {n}/{len(cases)}] {system} batch {batch} context ~{args.context} profile {profile} ...",
                   file=sys.stderr, flush=True)
             row = run_row(model, system, args.context, batch, args.max_new_tokens, args.budget_tokens, Path(kv),
-                          profile, args.split_io)
+                          profile, args.split_io and args.engine == "vllm", args.engine)
             print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
             rows.append(row)
     result = {"benchmark": "throughput", "engine": args.engine, "model": str(model),

@@ -84,3 +84,9 @@ def test_kvswap_bench_runs_a_benchmark_of_the_checkout(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "kvswap_vllm.cli", "bench", "throughput", "--profiles", "floppy"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown profile(s) floppy" in proc.stderr
+
+
+def test_hf_engine_systems_are_checked(capsys) -> None:
+    with pytest.raises(SystemExit):
+        throughput.main(["--engine", "hf", "--systems", "hf-full,kvswap-noreuse"])
+    assert "unknown system(s) kvswap-noreuse for --engine hf; known: hf-full, kvswap" in capsys.readouterr().err

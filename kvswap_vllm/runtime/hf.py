@@ -74,7 +74,7 @@ class HFGenerator(Generator):
     def _dense(self, prompt: list[int]) -> GenerationResult:
         ids = torch.tensor([prompt])
         t0 = time.perf_counter()
-        out = self._model(input_ids=ids, use_cache=True)
+        out = self._model(input_ids=ids, use_cache=True, logits_to_keep=1)
         past, token = out.past_key_values, out.logits[0, -1].argmax()
         t_first = time.perf_counter()
         generated = [int(token)]

@@ -133,7 +133,8 @@ def generate(model, runtime: KVSwapDisk, prompt: list[int], max_new_tokens: int,
     chunk = runtime.config.prefill_chunk
     t0 = time.perf_counter()
     for start in range(0, ids.shape[1], chunk):
-        out = model(input_ids=ids[:, start:start + chunk], past_key_values=seq, use_cache=True)
+        # Logits of the chunk's last token only: all of them would be chunk x vocab floats.
+        out = model(input_ids=ids[:, start:start + chunk], past_key_values=seq, use_cache=True, logits_to_keep=1)
     t_first = time.perf_counter()
     tokens = [int(out.logits[0, -1].argmax())]
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:

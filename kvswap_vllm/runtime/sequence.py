@@ -285,6 +285,7 @@ class KVSwapSequence:
     def stats(self) -> dict:
         return {"reuse_rate": self.hot.stats.reuse_rate, "bytes_read": self.hot.stats.bytes_read,
                 "hot_tier_bytes": self.hot.nbytes, "metadata_bytes": self.predictor.metadata_bytes(),
+                "tail_bytes": self.tail_bytes(),
                 "prefetch_overlap": self.prefetch.stats.overlap, "prefetched_loads": self.prefetch.stats.ahead,
                 "synchronous_loads": self.prefetch.stats.synchronous,
                 "reads_by_source": self.prefetch.stats.as_dict()["by_source"]}
