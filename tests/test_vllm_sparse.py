@@ -243,8 +243,9 @@ def test_early_step_reads_only_when_a_layer_has_new_groups(tmp_path: Path, reuse
         # Layer 2 (the only one >= FIRST_AHEAD_LAYER): the first step, and the step after the flush.
         assert seq.prefetch.stats.by_source["step"].loads == (2 if prefetch else 0)
         # Groups read: 10 per layer, then the 2 flushed ones; without reuse all 10 or 12 at every
-        # step, and layer 2's two early loads read theirs too.
-        reread = sum(10 if t < 48 else 12 for t in range(40, 52)) * 3 + (10 + 12 if prefetch else 0)
+        # step (layer 2's early loads select the same groups as its own selection then, which
+        # needs no second load).
+        reread = sum(10 if t < 48 else 12 for t in range(40, 52)) * 3
         read = sum(st.groups_read for st in seq.prefetch.stats.by_source.values())
         assert read == (3 * 12 if reuse else reread)
         seq.close()
@@ -282,4 +283,24 @@ def test_layer_attends_to_its_own_query_selection_when_it_reselects(tmp_path: Pa
         assert by["exact"].loads == int(reselect)
         if reselect:  # only the groups the prediction missed were read again
             assert by["exact"].groups_read == len(set(exact.tolist()) - set(wrong.tolist()))
+        seq.close()
+
+
+def test_a_right_prediction_needs_no_second_load(tmp_path: Path) -> None:
+    """Re-selecting with the layer's own query gives the predicted groups: the pending load
+    already brings them, no "exact" load is made."""
+    from kvswap_vllm.runtime.sequence import KVSwapSequence
+
+    shape = ModelShape(num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = StoreConfig(root=tmp_path, model_fingerprint="ab" * 16, num_layers=3, num_kv_heads=2, head_dim=8, group_size=4)
+    gen = torch.Generator().manual_seed(2)
+    k_all, v_all, q = torch.randn(2, 65, 8, generator=gen), torch.randn(2, 65, 8, generator=gen), torch.randn(4, 8)
+    with DiskStore(cfg) as store:
+        seq = KVSwapSequence(store, shape, DiskRuntimeConfig(SelectionConfig(16, 4), "quest", flush_groups=2))
+        for layer in range(3):
+            seq.prefill_kv(layer, k_all[:, :64], v_all[:, :64])
+        seq.submit(2, q, ahead=True)
+        seq.decode_kv(2, k_all[:, 64:65], v_all[:, 64:65], q)
+        by = seq.prefetch.stats.by_source
+        assert by["ahead"].loads == 1 and by["exact"].loads == 0 and by["ahead"].groups_useful == 4
         seq.close()

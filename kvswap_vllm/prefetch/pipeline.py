@@ -81,14 +81,20 @@ class LayerPrefetcher:
         self.stats = PrefetchStats(load_s=[0.0] * n, wait_s=[0.0] * n)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvswap-prefetch")
         self._pending: dict[int, Future[LoadResult]] = {}
+        self._pending_groups: dict[int, torch.Tensor] = {}
         # Per layer, since its last wait: (source, groups read) of each finished load.
         self._reads: list[list[tuple[str, list[int]]]] = [[] for _ in range(n)]
 
     def submit(self, layer: int, groups: torch.Tensor, source: str) -> None:
-        """Start loading `groups` of `layer`; supersedes a load not yet waited for."""
+        """Start loading `groups` of `layer`; supersedes a load not yet waited for. The same
+        groups as the pending load (a prediction that was right) need no second load."""
         if source not in SOURCES:
             raise ValueError(f"unknown load source {source!r}; one of {SOURCES}")
+        same = self._pending_groups.get(layer)
+        if layer in self._pending and same is not None and torch.equal(same, groups):
+            return
         self.stats.by_source[source].loads += 1
+        self._pending_groups[layer] = groups
         self._pending[layer] = self._pool.submit(self._load, layer, groups, source)
 
     def pending(self, layer: int) -> bool:
@@ -108,6 +114,7 @@ class LayerPrefetcher:
     def wait(self, layer: int) -> LoadResult:
         """The result of the layer's last submitted load; earlier loads finished before it."""
         fut = self._pending.pop(layer, None)
+        self._pending_groups.pop(layer, None)
         if fut is None:
             raise ValueError(f"layer {layer}: no load submitted")
         t0 = time.perf_counter()
