@@ -2,7 +2,7 @@
 and against the other disk-offload designs, on the same engine and harness.
 
     python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\
-        [--context 7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400] \\
+        [--context 4000,7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400] \\
         [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-noprefetch,kvswap-ahead,infinigen,dense-disk] \\
         [--profiles native,emmc] [--split-io]
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"vllm, or hf (HF transformers, prompts one at a time; systems {', '.join(HF_SYSTEMS)})")
     p.add_argument("--out", type=Path)
     p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--context", type=int, default=7000)
+    p.add_argument("--context", default="7000", help="prompt tokens, comma-separated (default: 7000)")
     p.add_argument("--batch", default="1,4,8")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--budget-tokens", type=int, default=400)
@@ -288,14 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--split-io keeps a disk tier in RAM under {RAM_DIR}, which this machine lacks")
     model = args.model or default_model_path()
     stock = ("vllm-full", "hf-full")  # read nothing: once per batch
-    cases = [(b, prof, sys_) for b in (int(x) for x in args.batch.split(",")) for prof in profiles for sys_ in systems
+    cases = [(c, b, prof, sys_) for c in (int(x) for x in args.context.split(","))
+             for b in (int(x) for x in args.batch.split(",")) for prof in profiles for sys_ in systems
              if not (sys_ in stock and prof != profiles[0])]
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvswap-throughput-") as kv:
-        for n, (batch, profile, system) in enumerate(cases, 1):
-            print(f"[throughput {n}/{len(cases)}] {system} batch {batch} context ~{args.context} profile {profile} ...",
+        for n, (context, batch, profile, system) in enumerate(cases, 1):
+            print(f"[throughput {n}/{len(cases)}] {system} batch {batch} context ~{context} profile {profile} ...",
                   file=sys.stderr, flush=True)
-            row = run_row(model, system, args.context, batch, args.max_new_tokens, args.budget_tokens, Path(kv),
+            row = run_row(model, system, context, batch, args.max_new_tokens, args.budget_tokens, Path(kv),
                           profile, args.split_io and args.engine == "vllm", args.engine)
             print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
             rows.append(row)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks.server import free_port  # noqa: F401  (the tests take it from here)
+from benchmarks.tiny_model import write_tiny_llama  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,25 +52,6 @@ def tmpfs(path: Path, size: str, readonly: bool = False) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def write_tiny_llama(path: Path, tokenizer_from: Path, heads: int = 4, kv_heads: int = 2, layers: int = 2) -> Path:
-    """A random-weight Llama small enough to start in seconds, with a real tokenizer."""
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32 * heads, intermediate_size=64 * heads,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=32, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    for f in tokenizer_from.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            shutil.copy(f, path)
-    return path
 
 
 @contextlib.contextmanager
