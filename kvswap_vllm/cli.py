@@ -102,8 +102,8 @@ def _kvswap_options(args: argparse.Namespace):
     chosen = args.predictor or ("kvswap" if args.engine == "hf" else "none")
     predictor = None if chosen == "none" else chosen
     return KVSwapOptions(predictor=predictor, budget_tokens=args.budget_tokens, group_size=args.group_size,
-                         hot_tier_mb=args.budget_mb, kv_dir=args.kv_dir, storage_profile=args.storage_profile, adapter=args.adapter,
-                         prefix_tier=args.vllm_connector == "kvswap")
+                         hot_tier_mb=args.budget_mb, kv_dir=args.kv_dir, storage_profile=args.storage_profile,
+                         adapter=args.adapter, prefix_tier=args.vllm_connector == "kvswap")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

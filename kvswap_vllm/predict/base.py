@@ -47,6 +47,10 @@ class ModelShape:
     def gqa(self) -> int:
         return self.num_q_heads // self.num_kv_heads
 
+    def token_bytes(self, element_size: int) -> int:
+        """K+V of one token in one layer."""
+        return self.num_kv_heads * self.head_dim * 2 * element_size
+
 
 class Predictor(ABC):
     """Scores the full groups of one sequence, per layer; `select` keeps the best M/G."""

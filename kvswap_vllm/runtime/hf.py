@@ -57,8 +57,8 @@ class HFGenerator(Generator):
                           throttle=profile.throttle() if profile else None)
         budget = opts.budget_tokens
         if opts.hot_tier_mb is not None:
-            token_bytes = shape.num_kv_heads * shape.head_dim * 2 * self._model.dtype.itemsize
-            budget = budget_tokens_for(opts.hot_tier_mb, token_bytes, shape.num_layers, 1, opts.group_size, "--budget-mb")
+            budget = budget_tokens_for(opts.hot_tier_mb, shape.token_bytes(self._model.dtype.itemsize), shape.num_layers,
+                                       1, opts.group_size, "--budget-mb")
         selection = SelectionConfig(budget_tokens=budget, group_size=opts.group_size)
         if opts.predictor == "dense":
             selection = SelectionConfig(budget_tokens=self.config.max_model_len, group_size=opts.group_size)

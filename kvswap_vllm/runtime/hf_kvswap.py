@@ -136,7 +136,7 @@ class KVSwapReference:
         groups = self.predictor.select(layer, real_q if predicted is None or self.reselect else predicted)
         if predicted is not None and self.reselect and len(groups):
             ahead = set(self.predictor.select(layer, predicted).tolist())
-            self.stats.ahead_hit_sum[layer] += sum(g in ahead for g in groups.tolist()) / len(groups)
+            self.stats.ahead_hit_sum[layer] += sum(gid in ahead for gid in groups.tolist()) / len(groups)
             self.stats.ahead_steps[layer] += 1
         positions = selected_positions(groups, g, self.predictor.num_groups(layer) * g, key.shape[2])
         k_sel, v_sel = gather_kv(key, value, positions)

@@ -229,10 +229,10 @@ class KVSwapSequence:
     def hot_kv(self, layer: int, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `layer`'s selected groups, (H, slots*G, d); selects from `query` now if
         nothing was submitted for this layer."""
-        if self.needs_selection(layer) and (query is not None or layer not in self._submitted):
-            if query is None:
-                raise RuntimeError(f"layer {layer}: no selection submitted and no query given")
+        if self.needs_selection(layer) and query is not None:
             self.submit(layer, query, ahead=False)
+        elif layer not in self._submitted:
+            raise RuntimeError(f"layer {layer}: no selection submitted and no query given")
         self._submitted.pop(layer, None)
         res = self.prefetch.wait(layer)
         if res.unavailable:

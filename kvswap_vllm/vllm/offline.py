@@ -54,7 +54,8 @@ class VllmGenerator(Generator):
             raise KVSwapError("KVSwap decoding in vLLM runs through the kvswap connector: drop --vllm-connector none "
                               "or use --predictor none")
         if kv is not None and kv.prefix_tier:
-            transfer = {"kv_connector": "kvswap", "kv_role": "kv_both", "kv_connector_extra_config": connector_options(kv)}
+            transfer = {"kv_connector": "kvswap", "kv_role": "kv_both",
+                        "kv_connector_extra_config": connector_options(kv)}
             self.kv_path = ("vllm + kvswap connector: vLLM's paged KV cache in memory; every full block "
                             "also in the disk tier, prefixes found there loaded instead of recomputed")
         if sparse:

@@ -38,8 +38,8 @@ from kvswap_vllm.predict.base import ModelShape, SelectionConfig
 from kvswap_vllm.resources import return_freed_memory_promptly, trim_heap
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence, Persistence, PrefixRun
 from kvswap_vllm.store import DiskStore
-from kvswap_vllm.store.profiles import get_profile
 from kvswap_vllm.store.errors import MissingGroupsError
+from kvswap_vllm.store.profiles import get_profile
 from kvswap_vllm.vllm.layer_ahead import LayerAhead
 
 log = logging.getLogger("vllm.kvswap")
@@ -272,8 +272,8 @@ class SparseRuntime:
         path = os.environ.get(STATS_ENV)
         if path:
             self._stats_written = time.monotonic()
-            data = {"peak": self.peak, "steps": self.steps, "decode_io": self.decode_io, "reads": self.reads, "adopted_tokens": self.adopted_tokens,
-                    "store": self.store.stats.as_dict()}
+            data = {"peak": self.peak, "steps": self.steps, "decode_io": self.decode_io, "reads": self.reads,
+                    "adopted_tokens": self.adopted_tokens, "store": self.store.stats.as_dict()}
             tmp = Path(f"{path}.tmp")
             tmp.write_text(json.dumps(data))
             tmp.replace(path)
@@ -313,7 +313,7 @@ def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> Spars
     mc = vllm_config.model_config
     shape = ModelShape(identity.num_layers, mc.get_num_attention_heads(vllm_config.parallel_config),
                        identity.num_kv_heads, identity.head_dim)
-    token_bytes = shape.num_kv_heads * shape.head_dim * 2 * torch.tensor([], dtype=getattr(torch, identity.dtype)).element_size()
+    token_bytes = shape.token_bytes(getattr(torch, identity.dtype).itemsize)
     budget = mc.max_model_len if options.predictor == "dense" else options.tokens_per_layer(
         token_bytes, shape.num_layers, vllm_config.scheduler_config.max_num_seqs)
     selection = SelectionConfig(budget_tokens=budget, group_size=options.group_size)
