@@ -16,6 +16,8 @@ name throttles every read to that device (bandwidth + latency per request) and t
 `--split-io` adds compute_only_s: the same row with its disk tier in RAM (tmpfs). io_only_s is
 the disk's busy time (a read in flight) per pure decode step, from the row's own run.
 With --out, a PNG of the rows is written beside the JSON (benchmarks/throughput_plot.py).
+`--engine hf --device cuda` runs the HF rows on a GPU (hot tier and tail in GPU memory, disk tier
+and metadata host-side); benchmarks/run_gpu.sh wraps that for laptop GPUs and Jetson boards.
 
 Each row is one fresh engine process running a batch of `batch` built-in documents of ~context
 tokens (each with its own pass key) to `max-new-tokens` greedy tokens, stepping the engine by
@@ -174,12 +176,13 @@ def _child_hf(spec_path: Path, out_path: Path) -> None:
     kv = KVSwapOptions(predictor=None) if opts is None else KVSwapOptions(
         predictor=opts["predictor"], budget_tokens=spec["budget_tokens"], group_size=opts.get("group_size", 4),
         kv_dir=Path(spec["kv_dir"]), storage_profile=opts.get("storage_profile"))
+    device = spec.get("device", "cpu")
     config = GenerationConfig(model=Path(spec["model"]), max_new_tokens=spec["max_new_tokens"],
-                              max_model_len=spec["max_model_len"], kvswap=kv)
+                              max_model_len=spec["max_model_len"], device=device, kvswap=kv)
     with ResourceMeter() as meter:
         gen = create_generator("hf", config)
         gen.generate([spec["prompts"][0][:16]])  # touches every weight: idle = loaded and warm
-        idle_rss = tree_rss_bytes()
+        idle_rss, gpu_idle = tree_rss_bytes(), _gpu_memory(device, reset=True)
         t0 = time.perf_counter()
         results = gen.generate(spec["prompts"])
         wall = time.perf_counter() - t0
@@ -193,11 +196,28 @@ def _child_hf(spec_path: Path, out_path: Path) -> None:
         "ttft_s": max(r.ttft_s for r in results), "wall_s": wall, "kv_peak_bytes": kv_peak,
         "peak_rss_mb": meter.usage.peak_rss_bytes / 2**20, "idle_rss_mb": idle_rss / 2**20,
         "disk_read_mb": meter.usage.disk_read_bytes / 2**20,
+        # GPU memory the batch added to the loaded, warm model (peak allocated by torch).
+        "gpu_growth_mb": None if gpu_idle is None else (_gpu_memory(device) - gpu_idle) / 2**20,
     }))
 
 
+def _gpu_memory(device: str, reset: bool = False) -> int | None:
+    """Bytes torch holds on a CUDA `device` (reset: now, and restart the peak count), else
+    the peak since the reset; None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    torch.cuda.synchronize(device)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
 def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: int, budget_tokens: int,
-            kv_dir: Path, profile: str = NATIVE, split_io: bool = False, engine: str = "vllm") -> dict:
+            kv_dir: Path, profile: str = NATIVE, split_io: bool = False, engine: str = "vllm",
+            device: str = "cpu") -> dict:
     docs = [build_document(num_entries=entries_for_tokens(context), depth=(i + 0.5) / batch, seed=100 + i)
             for i in range(batch)]
     prompts = [chat_prompt_ids(model, d.prompt()) for d in docs]
@@ -205,7 +225,7 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
     need = batch * (longest + 128) * kv_bytes_per_token(model)
     options = None if system == "hf-full" else system_options(system, profile, model, budget_tokens)
     spec = {"model": str(model), "system": system, "engine": engine, "options": options, "prompts": prompts, "batch": batch,
-            "kv_dir": str(kv_dir), "max_new_tokens": max_new_tokens, "budget_tokens": budget_tokens,
+            "kv_dir": str(kv_dir), "device": device, "max_new_tokens": max_new_tokens, "budget_tokens": budget_tokens,
             "max_model_len": longest + 128, "pool_gib": max(1, math.ceil(need * 1.1 / 2**30))}
     out, stats = _run_child(spec)
     compute_only_s, io_only_s = None, None
@@ -228,7 +248,8 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     bound = max(compute_only_s, io_only_s) if compute_only_s is not None and io_only_s is not None else None
     return {
-        "system": system, "engine": engine, "context": round(sum(map(len, prompts)) / batch), "batch": batch,
+        "system": system, "engine": engine, "device": device,
+        "context": round(sum(map(len, prompts)) / batch), "batch": batch,
         "profile": profile, "group_size": None if options is None else options.get("group_size", 4),
         "tokens_per_s": round(out["tokens_per_s"], 2), "step_s": round(out["step_s"], 4),
         # Step time with the disk tier in RAM, and the disk's busy time per decode step: a step
@@ -239,6 +260,7 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
         "peak_rss_mb": round(out["peak_rss_mb"], 1), "kv_memory_mb": round(kv_memory / 2**20, 1),
         # What serving the batch added to the loaded, idle engine's resident memory.
         "rss_growth_mb": round(out["peak_rss_mb"] - out["idle_rss_mb"], 1),
+        "gpu_growth_mb": _round(out.get("gpu_growth_mb"), 1),
         "weights_mb": round(weights / 2**20, 1), "vllm_pool_gib": spec["pool_gib"] if engine == "vllm" else None,
         "passkeys_correct": sum(d.is_correct(t) for d, t in zip(docs, out["texts"])),
         "memory_detail_mb": {k: round(v / 2**20, 2) for k, v in stats["peak"].items() if k.endswith("bytes")}
@@ -270,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(reads throttled to that device; G from the profile)")
     p.add_argument("--split-io", action="store_true",
                    help="also run each disk system with its disk tier in RAM (compute_only_s; one more engine per row)")
+    p.add_argument("--device", default="cpu",
+                   help="--engine hf: cpu (default), cuda or cuda:N (vLLM runs where it was built for)")
     p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -284,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(profiles) - {NATIVE, *PROFILES})
     if bad:
         p.error(f"unknown profile(s) {', '.join(bad)}; known: {NATIVE}, {', '.join(PROFILES)}")
+    if args.device != "cpu" and args.engine != "hf":
+        p.error("--device is for --engine hf; vLLM runs on the platform it was built for")
     if args.split_io and not os.path.isdir(RAM_DIR):
         p.error(f"--split-io keeps a disk tier in RAM under {RAM_DIR}, which this machine lacks")
     model = args.model or default_model_path()
@@ -297,11 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[throughput {n}/{len(cases)}] {system} batch {batch} context ~{context} profile {profile} ...",
                   file=sys.stderr, flush=True)
             row = run_row(model, system, context, batch, args.max_new_tokens, args.budget_tokens, Path(kv),
-                          profile, args.split_io and args.engine == "vllm", args.engine)
+                          profile, args.split_io and args.engine == "vllm", args.engine, args.device)
             print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
             rows.append(row)
-    result = {"benchmark": "throughput", "engine": args.engine, "model": str(model),
+    result = {"benchmark": "throughput", "engine": args.engine, "device": args.device, "model": str(model),
               "budget_tokens": args.budget_tokens, "max_new_tokens": args.max_new_tokens, "rows": rows}
+    if args.device != "cpu":
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name(args.device)
     print(write_json(result, args.out))
     if args.out is not None:
         plot(result, args.out.with_suffix(".png"))

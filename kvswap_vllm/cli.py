@@ -115,7 +115,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     batch = _read_prompts(args)
     try:
         config = GenerationConfig(model=model, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                                  max_model_len=args.max_model_len, kvswap=_kvswap_options(args))
+                                  max_model_len=args.max_model_len, device=args.device, kvswap=_kvswap_options(args))
     except ValueError as exc:
         raise KVSwapError(str(exc)) from exc
     prompts = [chat_prompt_ids(model, text) for text, _ in batch]
@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest prompt + generation accepted (default: 8192)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                      help="compute dtype (default: float32; CPUs without native bf16 are ~4x slower in bf16)")
+    gen.add_argument("--device", default="cpu",
+                     help="hf engine: cpu (default), cuda or cuda:N; on a GPU the hot tier is in GPU memory "
+                     "(vllm runs on the platform it was built for)")
     gen.add_argument("--check", action="store_true",
                      help="exit 1 if the built-in document's question is answered wrongly")
     gen.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -26,6 +26,9 @@ class GenerationConfig:
     # Longest prompt + generation the engine must accept.
     max_model_len: int = 8192
     seed: int = 0
+    # Where the model runs (engines that take a device: hf): "cpu", "cuda" or "cuda:N". On a
+    # GPU, KVSwap's hot tier and tail are in GPU memory; the disk tier and metadata are host-side.
+    device: str = "cpu"
     # KVSwap settings (engines that run KVSwap; stock engines ignore them and say so).
     kvswap: "KVSwapOptions | None" = None
 
@@ -34,6 +37,23 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_model_len < 16:
             raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know, or a GPU this machine does not have."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available to torch {torch.__version__} here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 @dataclass(frozen=True)

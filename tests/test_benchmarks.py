@@ -90,3 +90,24 @@ def test_hf_engine_systems_are_checked(capsys) -> None:
     with pytest.raises(SystemExit):
         throughput.main(["--engine", "hf", "--systems", "hf-full,kvswap-noreuse"])
     assert "unknown system(s) kvswap-noreuse for --engine hf; known: hf-full, kvswap" in capsys.readouterr().err
+
+
+def test_device_is_for_the_hf_engine(capsys) -> None:
+    with pytest.raises(SystemExit):
+        throughput.main(["--engine", "vllm", "--device", "cuda"])
+    assert "--device is for --engine hf" in capsys.readouterr().err
+
+
+def test_random_model_like_a_checkpoint(tmp_path: Path, default_model: Path) -> None:
+    """`tiny_model --like`: the checkpoint's shape and tokenizer, random weights, loadable."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from benchmarks.tiny_model import main as tiny_main
+    from tests.helpers import write_tiny_llama
+
+    src = write_tiny_llama(tmp_path / "src", default_model, heads=2, kv_heads=1, layers=3)
+    assert tiny_main([str(tmp_path / "like"), "--like", str(src), "--max-positions", "9000"]) == 0
+    a, b = AutoConfig.from_pretrained(src), AutoConfig.from_pretrained(tmp_path / "like")
+    assert (b.num_hidden_layers, b.num_key_value_heads, b.hidden_size) == (3, 1, 64)
+    assert b.max_position_embeddings == 9000 != a.max_position_embeddings
+    assert AutoTokenizer.from_pretrained(tmp_path / "like")("hello").input_ids

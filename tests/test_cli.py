@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import run_kvswap
 
@@ -56,3 +57,9 @@ def test_generate_prompt_too_long(default_model: Path) -> None:
 
 def test_generate_bad_number() -> None:
     assert "must be >= 1" in _error(run_kvswap("generate", "--max-new-tokens", "0"))
+
+
+@pytest.mark.parametrize("device, needle", [("meta", "unsupported device 'meta'"), ("tpu", "unknown device 'tpu'")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU is available")]))
+def test_generate_bad_device(device: str, needle: str, default_model: Path) -> None:
+    assert needle in _error(run_kvswap("generate", "--model", str(default_model), "--device", device))

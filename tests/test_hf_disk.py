@@ -81,3 +81,32 @@ def test_generate_with_rolling_tail_reports_stats(tmp_path: Path) -> None:
         assert info["hot_tier_bytes"] > 0 and info["metadata_bytes"] > 0
         assert 0.0 <= info["reuse_rate"] <= 1.0 and info["prefetched_loads"] > 0
         rt.current.close()
+
+
+#: Where the HF runtime is tested: the CPU, and a CUDA GPU where the machine has one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_on_the_models_device(tmp_path: Path, device: str) -> None:
+    """Hot tier and tails live where the model runs (a GPU's memory is then the hot tier); with
+    a budget covering the context the logits equal dense attention's, also across prefill chunks
+    read back from disk; with a small budget a GPU run equals the CPU run."""
+    base = tiny_llama()
+    adapter = adapter_for(base)
+    dense = greedy_logits(base, PROMPT, 6)
+    got: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for dev in dict.fromkeys(("cpu", device)):
+        for budget in (4096, 8):
+            model = copy.deepcopy(base).to(dev)
+            with disk_store(tmp_path / f"kv-{dev}-{budget}", model) as store:
+                config = DiskRuntimeConfig(SelectionConfig(budget, 4), "kvswap", flush_groups=3, prefill_chunk=16)
+                seq = KVSwapDisk(model, store, config, adapter).new_sequence()
+                got[dev, budget] = [x.cpu() for x in disk_logits(model, seq, PROMPT.to(dev), 6, chunk=16)]
+                tails = [t for t in seq.core._k if t is not None]
+                assert seq.core.hot.slots.device.type == dev and tails and all(t.device.type == dev for t in tails)
+                assert store.stats.bytes_read > 0
+                seq.close()
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(dense, got[device, 4096]))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got["cpu", 8], got[device, 8]))
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(dense, got[device, 8]))  # M=8 is sparse

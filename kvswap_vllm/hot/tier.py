@@ -58,20 +58,24 @@ class HotTier:
     """Slots for `slots_per_layer` groups of every layer of one sequence.
 
     Slot storage: (num_layers, slots_per_layer, num_kv_heads, 2, group_size, head_dim), the
-    disk tier's group layout, in page-aligned memory.
+    disk tier's group layout, on `device`: the model's device, so attention reads the slots
+    where it runs (a GPU's memory is then the hot tier). Reads land in a page-aligned host
+    staging buffer (O_DIRECT) and are copied to the slots from there.
     """
 
     def __init__(self, store: DiskStore, sequence: str, slots_per_layer: int,
                  read: Callable[[int, list[int], torch.Tensor], ReadResult] | None = None,
-                 reuse: bool = True) -> None:
+                 reuse: bool = True, device: torch.device | str = "cpu") -> None:
         """`reuse=False`: each load reads all its groups again (the no-reuse baseline)."""
         cfg = store.config
-        self.reuse = reuse
+        self.reuse, self.device = reuse, torch.device(device)
         self.store, self.sequence, self.slots_per_layer = store, sequence, slots_per_layer
         # read(layer, group ids, out): the sequence's groups (a sequence may start with groups
         # of stored prefixes); by default straight from `sequence` in the store.
         self._read = read or (lambda layer, ids, out: store.read_groups(sequence, layer, ids, out=out))
-        self.slots = aligned_tensor((cfg.num_layers, slots_per_layer, *cfg.group_shape), cfg.torch_dtype)
+        shape = (cfg.num_layers, slots_per_layer, *cfg.group_shape)
+        self.slots = aligned_tensor(shape, cfg.torch_dtype) if self.device.type == "cpu" else \
+            torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
         self._slot_of: list[dict[int, int]] = [{} for _ in range(cfg.num_layers)]
         self._stage = aligned_tensor((slots_per_layer, *cfg.group_shape), cfg.torch_dtype)
         self.stats = HotStats()
@@ -105,7 +109,8 @@ class HotTier:
             unavailable = [misses[i] for i, f in enumerate(res.found) if not f]
             target = free[: len(ok)]
             if ok:
-                self.slots[layer].index_copy_(0, torch.tensor(target), self._stage[torch.tensor(ok)])
+                rows = self._stage[torch.tensor(ok)].to(self.device)
+                self.slots[layer].index_copy_(0, torch.tensor(target, device=self.device), rows)
             for i, slot in zip(ok, target):
                 table[misses[i]] = slot
             read = [misses[i] for i in ok]
@@ -119,7 +124,7 @@ class HotTier:
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots, in order: each (num_kv_heads, len(slots) * group_size, head_dim)."""
-        g = self.slots[layer].index_select(0, slots)  # (n, H, 2, G, D)
+        g = self.slots[layer].index_select(0, slots.to(self.device))  # (n, H, 2, G, D)
         n, h, _, gs, d = g.shape
         k = g[:, :, 0].permute(1, 0, 2, 3).reshape(h, n * gs, d)
         v = g[:, :, 1].permute(1, 0, 2, 3).reshape(h, n * gs, d)

@@ -23,15 +23,17 @@ class HFGenerator(Generator):
             raise ValueError(f"unsupported dtype {config.dtype!r}; supported: {', '.join(_DTYPES)}")
         torch.manual_seed(config.seed)
         self._tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self._model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_DTYPES[config.dtype]).eval()
+        self._model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_DTYPES[config.dtype])
+        self._model.to(config.device).eval()
         opts = config.kvswap or KVSwapOptions(predictor=None)
         self._runtime = None
         if opts.predictor is None:
-            self.kv_path = "hf: HF transformers, dense (the whole KV cache in memory)"
+            self.kv_path = f"hf: HF transformers, dense (the whole KV cache in {config.device} memory)"
         else:
             self._runtime, self._store = self._kvswap_runtime(opts)
             self.kv_path = (f"hf: KVSwap, KV cache on disk ({self._store.config.root}); predictor {opts.predictor}, "
-                            f"M={self._runtime.config.selection.budget_tokens} tokens, G={opts.group_size}"
+                            f"M={self._runtime.config.selection.budget_tokens} tokens, G={opts.group_size}, "
+                            f"hot tier on {config.device}"
                             + (f", storage profile {opts.storage_profile}" if opts.storage_profile else ""))
 
     def _kvswap_runtime(self, opts: KVSwapOptions):
@@ -72,7 +74,7 @@ class HFGenerator(Generator):
 
     @torch.inference_mode()
     def _dense(self, prompt: list[int]) -> GenerationResult:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=self._model.device)
         t0 = time.perf_counter()
         out = self._model(input_ids=ids, use_cache=True, logits_to_keep=1)
         past, token = out.past_key_values, out.logits[0, -1].argmax()

@@ -56,7 +56,8 @@ class DiskSequence(Cache):
     """The HF cache of one sequence whose KV lives in the disk tier."""
 
     def __init__(self, runtime: "KVSwapDisk") -> None:
-        self.core = KVSwapSequence(runtime.store, runtime.shape, runtime.config, runtime.adapter)
+        self.core = KVSwapSequence(runtime.store, runtime.shape, runtime.config, runtime.adapter,
+                                   device=runtime.model.device)
         super().__init__(layers=[_Layer(self, i) for i in range(runtime.shape.num_layers)])
 
     def close(self) -> None:
@@ -129,7 +130,7 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 def generate(model, runtime: KVSwapDisk, prompt: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], dict]:
     """Greedy generation of one prompt with the KV cache on disk; (tokens, timings)."""
     seq = runtime.new_sequence()
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     chunk = runtime.config.prefill_chunk
     t0 = time.perf_counter()
     for start in range(0, ids.shape[1], chunk):
@@ -138,7 +139,7 @@ def generate(model, runtime: KVSwapDisk, prompt: list[int], max_new_tokens: int,
     t_first = time.perf_counter()
     tokens = [int(out.logits[0, -1].argmax())]
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=seq, use_cache=True)
+        out = model(input_ids=torch.tensor([[tokens[-1]]], device=model.device), past_key_values=seq, use_cache=True)
         tokens.append(int(out.logits[0, -1].argmax()))
     t_last = time.perf_counter()
     info = {"ttft_s": t_first - t0, "decode_s": t_last - t_first, **seq.core.stats()}

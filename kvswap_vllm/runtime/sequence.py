@@ -4,6 +4,10 @@ Per layer, memory holds only the low-rank metadata (in the predictor), the hot t
 and a rolling tail of the newest tokens; every full group is in the disk tier. Tensors are
 (num_kv_heads, tokens, head_dim). The HF runtime (runtime/hf_disk.py) and the vLLM attention
 backend (vllm/sparse_attention.py) both drive this class.
+
+On a GPU (`device`), the tail and the hot tier are in its memory (the model's tensors never
+leave it); the predictor's metadata and the disk I/O buffers stay in host memory, so queries
+go to the host for selection and full groups go to the host once, when written.
 """
 
 from __future__ import annotations
@@ -81,11 +85,14 @@ class KVSwapSequence:
     """The KV of one sequence: disk groups + low-rank metadata + hot tier + tail, per layer."""
 
     def __init__(self, store: DiskStore, shape: ModelShape, config: DiskRuntimeConfig, adapter: object | None = None,
-                 name: str | None = None, prefix: list[PrefixRun] = (), persist: Persistence | None = None) -> None:
+                 name: str | None = None, prefix: list[PrefixRun] = (), persist: Persistence | None = None,
+                 device: torch.device | str = "cpu") -> None:
         """`prefix`: runs of stored groups this sequence starts with (their files and metadata are
         checked now: a StoreError or MetadataError says the prefix cannot be used). `persist`:
-        keep this sequence's files when it closes (else they are deleted: private data)."""
+        keep this sequence's files when it closes (else they are deleted: private data).
+        `device`: where the model's K/V tensors are (the tail and hot tier live there)."""
         self.store, self.shape, self.config = store, shape, config
+        self.device = torch.device(device)
         self.group_size = config.selection.group_size
         self.name = name or f"seq-{uuid.uuid4().hex[:12]}"
         self.predictor: Predictor = create_predictor(config.predictor, shape, config.selection, adapter)
@@ -100,7 +107,7 @@ class KVSwapSequence:
             self._release_files()
             raise
         self.hot = HotTier(store, self.name, config.selection.budget_groups, read=self.read_groups,
-                           reuse=config.reuse)
+                           reuse=config.reuse, device=self.device)
         self.prefetch = LayerPrefetcher(self.hot)
         n = shape.num_layers
         start = self.prefix[-1].stop if self.prefix else 0
@@ -155,7 +162,7 @@ class KVSwapSequence:
         layer at a time) and writes the chunk's full groups to disk. `last_query` (the chunk's
         last query, (num_q_heads, head_dim)) seeds the first decode step's early prefetch."""
         if last_query is not None:
-            self._query[layer] = last_query.clone()
+            self._query[layer] = last_query.to("cpu", copy=True)
         past_k, past_v = self._read_past(layer)
         self._append(layer, k, v)
         full_k = self._k[layer] if past_k is None else torch.cat([past_k, self._k[layer]], dim=1)
@@ -171,9 +178,10 @@ class KVSwapSequence:
         res = self.read_groups(layer, list(range(groups)))
         if not res.found.all():
             raise RuntimeError(f"disk tier lost groups of layer {layer} of {self.name} during prefill")
-        n, h, _, g, d = res.kv.shape  # (n, H, 2, G, d)
-        k = res.kv[:, :, 0].permute(1, 0, 2, 3).reshape(h, n * g, d)
-        v = res.kv[:, :, 1].permute(1, 0, 2, 3).reshape(h, n * g, d)
+        kv = res.kv.to(self.device)
+        n, h, _, g, d = kv.shape  # (n, H, 2, G, d)
+        k = kv[:, :, 0].permute(1, 0, 2, 3).reshape(h, n * g, d)
+        v = kv[:, :, 1].permute(1, 0, 2, 3).reshape(h, n * g, d)
         return k, v
 
     # ----- decode: selected groups + tail ---------------------------------------------------
@@ -181,12 +189,14 @@ class KVSwapSequence:
         """Select `layer`'s groups for `query` (num_q_heads, head_dim), post-RoPE, and start
         loading the ones not resident; this is the selection the layer attends to. `ahead` =
         predicted from the previous layer's input, else the layer's own query."""
+        query = query.to("cpu")  # the predictor's metadata is in host memory
         self._submit_selected(layer, query, self.predictor.select(layer, query), ahead)
 
     @staticmethod
     def submit_batch(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor, ahead: bool) -> None:
         """`submit` for several sequences (same config) at once: queries (len(seqs), q_heads, d),
         selected together (see predict.base.select_batch)."""
+        queries = queries.to("cpu")
         groups = select_batch([s.predictor for s in seqs], layer, queries)
         for seq, query, ids in zip(seqs, queries, groups):
             seq._submit_selected(layer, query, ids, ahead)
@@ -266,7 +276,8 @@ class KVSwapSequence:
         groups[:, :, 0] = k.reshape(h, n, g, d).transpose(0, 1)
         groups[:, :, 1] = v.reshape(h, n, g, d).transpose(0, 1)
         first = self.disk_groups[layer]
-        rows = self.predictor.group_metadata(layer, k.transpose(0, 1).reshape(n, g, h, d))
+        # From the host copy: the predictor's metadata lives in host memory.
+        rows = self.predictor.group_metadata(layer, groups[:, :, 0].transpose(1, 2))
         hashes, aux = None, None
         if self.persist is not None:
             hashes = self.persist.hashes_for(first, n, g)

