@@ -11,7 +11,8 @@ its whole selection); `kvswap-noprefetch` (each layer selects from its own query
 reads on the critical path); `kvswap-ahead` (attends to the layer-ahead prediction, as the paper
 does, instead of re-selecting with each layer's own query); `infinigen` (InfiniGen*-style: the
 paper's low-rank predictor over single tokens, no reuse); `dense-disk` (FlexGen-style: the whole
-KV read from disk every step). `--profiles`: `native` is this machine's disk as it is; a profile
+KV read from disk every step); `llamacpp` (llama.cpp through llama-cpp-python on the GGUF the
+model was prepared from, KV in memory, prompts one at a time; any engine). `--profiles`: `native` is this machine's disk as it is; a profile
 name throttles every read to that device (bandwidth + latency per request) and takes its G.
 `--split-io` adds compute_only_s: the same row with its disk tier in RAM (tmpfs). io_only_s is
 the disk's busy time (a read in flight) per pure decode step, from the row's own run.
@@ -215,21 +216,87 @@ def _gpu_memory(device: str, reset: bool = False) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
+#: The llama.cpp baseline (llama-cpp-python): the model's GGUF with its KV cache in memory (f16,
+#: llama.cpp's default), prompts one at a time; the on-device engine people use today.
+LLAMACPP = "llamacpp"
+
+
+def _child_llamacpp(spec_path: Path, out_path: Path) -> None:
+    """One llama.cpp process: the batch's prompts one after another, greedy; decode time is from
+    each prompt's first token to its last."""
+    spec = json.loads(spec_path.read_text())
+    from llama_cpp import Llama
+
+    from kvswap_vllm.resources import ResourceMeter, tree_rss_bytes
+
+    with ResourceMeter() as meter:
+        llm = Llama(model_path=spec["gguf"], n_ctx=spec["max_model_len"], n_threads=os.cpu_count(),
+                    n_batch=512, seed=0, verbose=False)
+        _llamacpp_generate(llm, spec["prompts"][0][:16], 2)  # touches every weight: idle = loaded and warm
+        idle_rss = tree_rss_bytes()
+        t0 = time.perf_counter()
+        results = [_llamacpp_generate(llm, p, spec["max_new_tokens"]) for p in spec["prompts"]]
+        wall = time.perf_counter() - t0
+        n_ctx = llm.n_ctx()
+        texts = [llm.detokenize(tokens).decode("utf-8", "replace") for tokens, _, _ in results]
+        llm.close()
+    steps = sum(len(tokens) - 1 for tokens, _, _ in results)
+    step_s = sum(decode for _, _, decode in results) / max(1, steps)
+    out_path.write_text(json.dumps({
+        "texts": texts, "step_s": step_s, "tokens_per_s": 1 / step_s, "decode_steps": steps,
+        "ttft_s": max(ttft for _, ttft, _ in results), "wall_s": wall, "n_ctx": n_ctx,
+        "peak_rss_mb": meter.usage.peak_rss_bytes / 2**20, "idle_rss_mb": idle_rss / 2**20,
+        "disk_read_mb": meter.usage.disk_read_bytes / 2**20,
+    }))
+
+
+def _llamacpp_generate(llm, prompt: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
+    """Greedy tokens of one prompt, time to first token, decode time (first -> last token)."""
+    tokens: list[int] = []
+    t0 = time.perf_counter()
+    t_first = t0
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        if not tokens:
+            t_first = time.perf_counter()
+        tokens.append(token)
+        if len(tokens) >= max_new_tokens or token == llm.token_eos():
+            break
+    return tokens, t_first - t0, time.perf_counter() - t_first
+
+
+def model_gguf(model: Path) -> Path:
+    """The GGUF `model` was prepared from (kvswap model prepare records it), for llama.cpp; the
+    default model's comes from its PyPI package."""
+    from kvswap_vllm.models.prepare import default_gguf_path
+
+    record = model / "kvswap_model.json"
+    if record.is_file():
+        source = Path(json.loads(record.read_text()).get("source", ""))
+        if source.is_file():
+            return source
+    if model.resolve() == default_model_path().resolve():
+        return default_gguf_path()
+    raise SystemExit(f"throughput: system {LLAMACPP} needs the GGUF of {model}; pass --gguf PATH")
+
+
 def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: int, budget_tokens: int,
             kv_dir: Path, profile: str = NATIVE, split_io: bool = False, engine: str = "vllm",
-            device: str = "cpu") -> dict:
+            device: str = "cpu", gguf: Path | None = None) -> dict:
     docs = [build_document(num_entries=entries_for_tokens(context), depth=(i + 0.5) / batch, seed=100 + i)
             for i in range(batch)]
     prompts = [chat_prompt_ids(model, d.prompt()) for d in docs]
     longest = max(len(p) for p in prompts) + max_new_tokens
     need = batch * (longest + 128) * kv_bytes_per_token(model)
-    options = None if system == "hf-full" else system_options(system, profile, model, budget_tokens)
-    spec = {"model": str(model), "system": system, "engine": engine, "options": options, "prompts": prompts, "batch": batch,
+    options = None if system in ("hf-full", LLAMACPP) else system_options(system, profile, model, budget_tokens)
+    engine = LLAMACPP if system == LLAMACPP else engine
+    spec = {"model": str(model), "system": system, "engine": engine, "gguf": str(gguf or ""), "options": options, "prompts": prompts, "batch": batch,
             "kv_dir": str(kv_dir), "device": device, "max_new_tokens": max_new_tokens, "budget_tokens": budget_tokens,
             "max_model_len": longest + 128, "pool_gib": max(1, math.ceil(need * 1.1 / 2**30))}
     out, stats = _run_child(spec)
     compute_only_s, io_only_s = None, None
-    if engine == "hf":  # one sequence at a time: the KV held at once is one sequence's
+    if engine == LLAMACPP:  # its KV cache: n_ctx tokens, f16 (half of kv_bytes_per_token's fp32)
+        kv_memory = out["n_ctx"] * kv_bytes_per_token(model) // 2
+    elif engine == "hf":  # one sequence at a time: the KV held at once is one sequence's
         kv_memory = (max(len(p) for p in prompts) + max_new_tokens) * kv_bytes_per_token(model) \
             if options is None else out["kv_peak_bytes"]
     elif options is None:
@@ -245,7 +312,7 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
             with tempfile.TemporaryDirectory(prefix="kvswap-compute-only-", dir=RAM_DIR) as ram:
                 mem, _ = _run_child({**spec, "options": compute_only_options(options), "kv_dir": ram})
             compute_only_s = mem["step_s"]
-    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    weights = Path(gguf).stat().st_size if engine == LLAMACPP else sum(f.stat().st_size for f in model.glob("*.safetensors"))
     bound = max(compute_only_s, io_only_s) if compute_only_s is not None and io_only_s is not None else None
     return {
         "system": system, "engine": engine, "device": device,
@@ -294,13 +361,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run each disk system with its disk tier in RAM (compute_only_s; one more engine per row)")
     p.add_argument("--device", default="cpu",
                    help="--engine hf: cpu (default), cuda or cuda:N (vLLM runs where it was built for)")
+    p.add_argument("--gguf", type=Path, default=None,
+                   help=f"system {LLAMACPP}: the model's GGUF (default: the one it was prepared from)")
     p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         engine = json.loads(args.child[0].read_text())["engine"]
-        (_child_hf if engine == "hf" else _child)(*args.child)
+        {"hf": _child_hf, LLAMACPP: _child_llamacpp}.get(engine, _child)(*args.child)
         return 0
-    known = HF_SYSTEMS if args.engine == "hf" else ("vllm-full", *SYSTEMS)
+    known = (*(HF_SYSTEMS if args.engine == "hf" else ("vllm-full", *SYSTEMS)), LLAMACPP)
     systems, profiles = (args.systems or ",".join(known[:2])).split(","), args.profiles.split(",")
     unknown = sorted(set(systems) - set(known))
     if unknown:
@@ -313,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.split_io and not os.path.isdir(RAM_DIR):
         p.error(f"--split-io keeps a disk tier in RAM under {RAM_DIR}, which this machine lacks")
     model = args.model or default_model_path()
-    stock = ("vllm-full", "hf-full")  # read nothing: once per batch
+    stock = ("vllm-full", "hf-full", LLAMACPP)  # read nothing: once per batch
     cases = [(c, b, prof, sys_) for c in (int(x) for x in args.context.split(","))
              for b in (int(x) for x in args.batch.split(",")) for prof in profiles for sys_ in systems
              if not (sys_ in stock and prof != profiles[0])]
@@ -323,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[throughput {n}/{len(cases)}] {system} batch {batch} context ~{context} profile {profile} ...",
                   file=sys.stderr, flush=True)
             row = run_row(model, system, context, batch, args.max_new_tokens, args.budget_tokens, Path(kv),
-                          profile, args.split_io and args.engine == "vllm", args.engine, args.device)
+                          profile, args.split_io and args.engine == "vllm", args.engine, args.device,
+                          args.gguf or (model_gguf(model) if system == LLAMACPP else None))
             print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
             rows.append(row)
     result = {"benchmark": "throughput", "engine": args.engine, "device": args.device, "model": str(model),

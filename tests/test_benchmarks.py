@@ -111,3 +111,22 @@ def test_random_model_like_a_checkpoint(tmp_path: Path, default_model: Path) -> 
     assert (b.num_hidden_layers, b.num_key_value_heads, b.hidden_size) == (3, 1, 64)
     assert b.max_position_embeddings == 9000 != a.max_position_embeddings
     assert AutoTokenizer.from_pretrained(tmp_path / "like")("hello").input_ids
+
+
+def test_llamacpp_is_a_system_of_every_engine(capsys) -> None:
+    for engine in ("vllm", "hf"):
+        with pytest.raises(SystemExit):
+            throughput.main(["--engine", engine, "--systems", "llamacpp,nope"])
+        assert "unknown system(s) nope" in capsys.readouterr().err  # llamacpp itself is known
+
+
+@pytest.mark.slow
+def test_llamacpp_row_on_the_default_models_gguf(tmp_path: Path, default_model: Path) -> None:
+    """The llama.cpp baseline runs the GGUF the default model was prepared from, greedy, and
+    finds the pass keys the other engines find."""
+    row = throughput.run_row(default_model, "llamacpp", 600, 2, 20, 400, tmp_path, gguf=throughput.model_gguf(default_model))
+    assert row["engine"] == "llamacpp" and 0 < row["decode_steps_measured"] <= 2 * 19  # EOS may end one early
+    assert row["tokens_per_s"] > 0 and row["passkeys_correct"] == 2
+    n_ctx = max(600, row["context"])  # n_ctx >= the longest prompt + new tokens
+    assert row["kv_memory_mb"] * 2**20 >= n_ctx * 30 * 3 * 64 * 2 * 2
+    assert row["weights_mb"] < 200  # the quantised GGUF, not the fp32 checkpoint

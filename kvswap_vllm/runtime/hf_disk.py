@@ -103,7 +103,7 @@ class KVSwapDisk:
             cos, sin = kwargs["position_embeddings"]
             for target in (layer, layer + 1):
                 ahead = target == layer + 1
-                if target >= self.shape.num_layers or (ahead and target < 2) or (
+                if target >= self.shape.num_layers or (ahead and (target < 2 or not self.config.prefetch)) or (
                         not ahead and not seq.core.needs_selection(target)):
                     continue
                 q = layer_query(self._attn[target], hidden, cos, sin, self.shape.head_dim)
