@@ -17,9 +17,9 @@ import time
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvswap_vllm.runtime.hf_kvswap import layer_query, model_shape, register_attention
+from kvswap_vllm.resources import return_freed_memory_promptly, trim_heap
+from kvswap_vllm.runtime.hf_kvswap import attend, layer_query, model_shape, register_attention
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence
 from kvswap_vllm.store.disk_store import DiskStore
 
@@ -71,6 +71,8 @@ class KVSwapDisk:
         self.model, self.store, self.config, self.adapter = model, store, config, adapter
         self.shape = model_shape(model.config)
         self.current: DiskSequence | None = None
+        # A chunked prefill's transients (K/V of the whole past, per layer) must not stay as RSS.
+        return_freed_memory_promptly()
         register_attention(ATTENTION_NAME, _attention)
         self._attn = [layer.self_attn for layer in model.model.layers]
         for i, attn in enumerate(self._attn):
@@ -119,11 +121,11 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     if key.shape[0] != 1:
         raise ValueError("the disk-backed KVSwap runtime decodes one sequence at a time (batch 1)")
     if query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return attend(module, query, key, value, attention_mask, **kwargs)
     hk, hv = rt.current.core.hot_kv(module.layer_idx)
     k = torch.cat([hk.unsqueeze(0), key], dim=2)
     v = torch.cat([hv.unsqueeze(0), value], dim=2)
-    return sdpa_attention_forward(module, query, k, v, None, **kwargs)
+    return attend(module, query, k, v, None, **kwargs)
 
 
 @torch.inference_mode()
@@ -136,6 +138,7 @@ def generate(model, runtime: KVSwapDisk, prompt: list[int], max_new_tokens: int,
     for start in range(0, ids.shape[1], chunk):
         # Logits of the chunk's last token only: all of them would be chunk x vocab floats.
         out = model(input_ids=ids[:, start:start + chunk], past_key_values=seq, use_cache=True, logits_to_keep=1)
+    trim_heap()  # what the prefill's transients left in the heap goes back to the OS
     t_first = time.perf_counter()
     tokens = [int(out.logits[0, -1].argmax())]
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:

@@ -163,26 +163,30 @@ class KVSwapSequence:
         last query, (num_q_heads, head_dim)) seeds the first decode step's early prefetch."""
         if last_query is not None:
             self._query[layer] = last_query.to("cpu", copy=True)
-        past_k, past_v = self._read_past(layer)
         self._append(layer, k, v)
-        full_k = self._k[layer] if past_k is None else torch.cat([past_k, self._k[layer]], dim=1)
-        full_v = self._v[layer] if past_v is None else torch.cat([past_v, self._v[layer]], dim=1)
+        full_k, full_v = self._with_past(layer, self._k[layer], self._v[layer])
         self._flush(layer, self._k[layer].shape[1] // self.group_size * self.group_size)
         return full_k, full_v
 
-    def _read_past(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _with_past(self, layer: int, tail_k: torch.Tensor, tail_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's disk groups read back, then the tail: one copy of each into the result
+        (a long past is the largest transient of a chunked prefill)."""
         groups = self.disk_groups[layer]
         if groups == 0:
-            return None, None
+            return tail_k, tail_v
         self.store.flush()
         res = self.read_groups(layer, list(range(groups)))
         if not res.found.all():
             raise RuntimeError(f"disk tier lost groups of layer {layer} of {self.name} during prefill")
         kv = res.kv.to(self.device)
         n, h, _, g, d = kv.shape  # (n, H, 2, G, d)
-        k = kv[:, :, 0].permute(1, 0, 2, 3).reshape(h, n * g, d)
-        v = kv[:, :, 1].permute(1, 0, 2, 3).reshape(h, n * g, d)
-        return k, v
+        out = []
+        for i, tail in enumerate((tail_k, tail_v)):
+            full = torch.empty(h, n * g + tail.shape[1], d, dtype=tail.dtype, device=tail.device)
+            full[:, :n * g].view(h, n, g, d).copy_(kv[:, :, i].permute(1, 0, 2, 3))
+            full[:, n * g:] = tail
+            out.append(full)
+        return out[0], out[1]
 
     # ----- decode: selected groups + tail ---------------------------------------------------
     def submit(self, layer: int, query: torch.Tensor, ahead: bool) -> None:
