@@ -8,7 +8,8 @@
 #
 # Environment: KVSWAP_GPU_MODEL (model folder; default: the prepared default model),
 # KVSWAP_GPU_DEVICE (default cuda), KVSWAP_GPU_CONTEXT (default 2000,7000), KVSWAP_GPU_BATCH
-# (default 4), PYTHON (default python3). Needs torch with CUDA and this package's dependencies
+# (default 4), KVSWAP_GPU_SYSTEMS (default hf-full,kvswap; also kvswap-prefetch,
+# kvswap-noprefetch, llamacpp), PYTHON (default python3). Needs torch with CUDA and this package's dependencies
 # (Jetson: NVIDIA's JetPack torch wheel; see docker/Dockerfile.jetson).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,7 +25,7 @@ if not torch.cuda.is_available():
 print(f"run_gpu.sh: {torch.cuda.get_device_name(sys.argv[1])}, torch {torch.__version__}", file=sys.stderr)
 PY
 args=(--engine hf --device "$device" --context "${KVSWAP_GPU_CONTEXT:-2000,7000}" --batch "${KVSWAP_GPU_BATCH:-4}"
-      --systems hf-full,kvswap --out "$out")
+      --systems "${KVSWAP_GPU_SYSTEMS:-hf-full,kvswap}" --out "$out")
 if [[ -n "${KVSWAP_GPU_MODEL:-}" ]]; then args+=(--model "$(realpath "$KVSWAP_GPU_MODEL")"); fi
 mkdir -p "$(dirname "$out")"
 cd "$repo"

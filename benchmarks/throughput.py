@@ -3,12 +3,13 @@ and against the other disk-offload designs, on the same engine and harness.
 
     python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\
         [--context 4000,7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400] \\
-        [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-noprefetch,kvswap-ahead,infinigen,dense-disk] \\
+        [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-prefetch,kvswap-noprefetch,kvswap-ahead,infinigen,dense-disk] \\
         [--profiles native,emmc] [--split-io]
 
-Systems (SYSTEMS below): `vllm-full` stock vLLM; `kvswap`; `kvswap-noreuse` (every step reads
-its whole selection); `kvswap-noprefetch` (each layer selects from its own query when it runs,
-reads on the critical path); `kvswap-ahead` (attends to the layer-ahead prediction, as the paper
+Systems (SYSTEMS below): `vllm-full` stock vLLM; `kvswap` (the defaults: exact selection, and
+prefetch only where it pays, i.e. not on the CPU); `kvswap-noreuse` (every step reads its whole
+selection); `kvswap-prefetch` (step-start and layer-ahead prefetch forced on); `kvswap-noprefetch`
+(each layer selects from its own query when it runs, reads on the critical path); `kvswap-ahead` (attends to the layer-ahead prediction, as the paper
 does, instead of re-selecting with each layer's own query); `infinigen` (InfiniGen*-style: the
 paper's low-rank predictor over single tokens, no reuse); `dense-disk` (FlexGen-style: the whole
 KV read from disk every step); `llamacpp` (llama.cpp through llama-cpp-python on the GGUF the
@@ -60,14 +61,16 @@ RAM_DIR = "/dev/shm"
 #: The systems on the KVSwap runtime: connector options on top of kv_dir and budget_tokens.
 #: `vllm-full` is stock vLLM with the whole KV in its paged pool.
 SYSTEMS: dict[str, dict] = {
+    # The defaults (on the CPU: exact selection, no prefetch; see prefetch/policy.py).
     "kvswap": {"predictor": "kvswap"},
     "kvswap-noreuse": {"predictor": "kvswap", "reuse": False},
+    "kvswap-prefetch": {"predictor": "kvswap", "prefetch": True},
     "kvswap-noprefetch": {"predictor": "kvswap", "prefetch": False},
     # Attends to the layer-ahead prediction, as the paper does (no exact re-selection).
-    "kvswap-ahead": {"predictor": "kvswap", "reselect": False},
+    "kvswap-ahead": {"predictor": "kvswap", "reselect": False, "prefetch": True},
     # InfiniGen*-style: the paper's low-rank predictor over single tokens, read every step,
     # attending to the layer-ahead prediction.
-    "infinigen": {"predictor": "kvswap-paper", "group_size": 1, "reuse": False, "reselect": False},
+    "infinigen": {"predictor": "kvswap-paper", "group_size": 1, "reuse": False, "reselect": False, "prefetch": True},
     # FlexGen-style dense offload: every token of every layer read from disk at every step.
     "dense-disk": {"predictor": "dense", "reuse": False},
 }
@@ -163,7 +166,7 @@ def _run_child(spec: dict) -> tuple[dict, dict | None]:
 
 
 #: Systems of `--engine hf` (HF transformers, one prompt at a time): its own dense cache, or KVSwap.
-HF_SYSTEMS = ("hf-full", "kvswap")
+HF_SYSTEMS = ("hf-full", "kvswap", "kvswap-prefetch", "kvswap-noprefetch")
 
 
 def _child_hf(spec_path: Path, out_path: Path) -> None:
@@ -176,7 +179,7 @@ def _child_hf(spec_path: Path, out_path: Path) -> None:
     opts = spec["options"]
     kv = KVSwapOptions(predictor=None) if opts is None else KVSwapOptions(
         predictor=opts["predictor"], budget_tokens=spec["budget_tokens"], group_size=opts.get("group_size", 4),
-        kv_dir=Path(spec["kv_dir"]), storage_profile=opts.get("storage_profile"))
+        kv_dir=Path(spec["kv_dir"]), storage_profile=opts.get("storage_profile"), prefetch=opts.get("prefetch"))
     device = spec.get("device", "cpu")
     config = GenerationConfig(model=Path(spec["model"]), max_new_tokens=spec["max_new_tokens"],
                               max_model_len=spec["max_model_len"], device=device, kvswap=kv)

@@ -103,7 +103,8 @@ def _kvswap_options(args: argparse.Namespace):
     predictor = None if chosen == "none" else chosen
     return KVSwapOptions(predictor=predictor, budget_tokens=args.budget_tokens, group_size=args.group_size,
                          hot_tier_mb=args.budget_mb, kv_dir=args.kv_dir, storage_profile=args.storage_profile,
-                         adapter=args.adapter, prefix_tier=args.vllm_connector == "kvswap")
+                         adapter=args.adapter, prefix_tier=args.vllm_connector == "kvswap",
+                         prefetch={"auto": None, "on": True, "off": False}[args.prefetch])
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -359,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--storage-profile", default=None,
                      help="nvme, ufs, emmc, sd or a probe JSON: emulate that device's reads")
     gen.add_argument("--kv-dir", type=Path, default=None, help="disk tier folder (default: ~/.cache/kvswap/kv)")
+    gen.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
+                     help="layer-ahead and step-start prefetch (auto: on a GPU only; on this kind of CPU it costs "
+                     "more than it hides)")
     gen.add_argument("--vllm-connector", choices=["kvswap", "none"], default="kvswap",
                      help="vllm engine: kvswap = every full block saved to the disk tier and prefixes found "
                      "there loaded instead of recomputed, across restarts (default); none = stock vLLM")

@@ -74,6 +74,9 @@ class KVSwapOptions:
     storage_profile: str | None = None
     # Low-rank adapter path (without suffix); None = the default one for the model.
     adapter: Path | None = None
+    # Layer-ahead and step-start prefetch; None = where it pays (on a GPU; see
+    # kvswap_vllm/prefetch/policy.py).
+    prefetch: bool | None = None
     # vLLM engine: keep every full block in the disk tier through the `kvswap` KV connector and
     # load a prefix found there instead of recomputing it (also after a restart).
     prefix_tier: bool = True

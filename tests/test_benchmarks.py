@@ -89,7 +89,8 @@ def test_kvswap_bench_runs_a_benchmark_of_the_checkout(tmp_path: Path) -> None:
 def test_hf_engine_systems_are_checked(capsys) -> None:
     with pytest.raises(SystemExit):
         throughput.main(["--engine", "hf", "--systems", "hf-full,kvswap-noreuse"])
-    assert "unknown system(s) kvswap-noreuse for --engine hf; known: hf-full, kvswap" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown system(s) kvswap-noreuse for --engine hf; known: hf-full, kvswap, kvswap-prefetch" in err
 
 
 def test_device_is_for_the_hf_engine(capsys) -> None:

@@ -31,6 +31,23 @@ def test_options_defaults_and_validation(tmp_path: Path) -> None:
     assert not ConnectorConfig(predictor="none").sparse and ConnectorConfig(predictor="quest").sparse
 
 
+@pytest.mark.parametrize("extra, prefetch", [
+    ({}, False),  # exact selection on the CPU backend: prefetching costs more than it hides
+    ({"reselect": False}, True),  # the layer attends to the prediction: it must be made
+    ({"prefetch": True}, True),
+    ({"reselect": False, "prefetch": False}, False),
+])
+def test_prefetch_defaults_to_where_it_pays(extra: dict, prefetch: bool) -> None:
+    assert ConnectorConfig.from_extra_config({"predictor": "kvswap", **extra}).prefetch is prefetch
+
+
+def test_prefetch_policy_by_device() -> None:
+    from kvswap_vllm.prefetch.policy import default_prefetch
+
+    assert not default_prefetch(True, "cpu") and default_prefetch(True, "cuda") and default_prefetch(True, "cuda:1")
+    assert default_prefetch(False, "cpu")
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"kv_dri": "/x"}, "unknown option(s) kv_dri"),
     ({"capacity_gb": -1}, "capacity_gb must be a positive number"),

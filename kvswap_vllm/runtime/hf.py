@@ -33,7 +33,8 @@ class HFGenerator(Generator):
             self._runtime, self._store = self._kvswap_runtime(opts)
             self.kv_path = (f"hf: KVSwap, KV cache on disk ({self._store.config.root}); predictor {opts.predictor}, "
                             f"M={self._runtime.config.selection.budget_tokens} tokens, G={opts.group_size}, "
-                            f"hot tier on {config.device}"
+                            f"hot tier on {config.device}, "
+                            f"prefetch {'on' if self._runtime.config.prefetch else 'off'}"
                             + (f", storage profile {opts.storage_profile}" if opts.storage_profile else ""))
 
     def _kvswap_runtime(self, opts: KVSwapOptions):
@@ -42,6 +43,7 @@ class HFGenerator(Generator):
         from kvswap_vllm.paths import kv_dir
         from kvswap_vllm.predict.adapter import adapter_for
         from kvswap_vllm.predict.base import SelectionConfig
+        from kvswap_vllm.prefetch.policy import default_prefetch
         from kvswap_vllm.runtime.hf_disk import DiskRuntimeConfig, KVSwapDisk
         from kvswap_vllm.runtime.hf_kvswap import model_shape
         from kvswap_vllm.store import DiskStore, StoreConfig
@@ -64,7 +66,9 @@ class HFGenerator(Generator):
         selection = SelectionConfig(budget_tokens=budget, group_size=opts.group_size)
         if opts.predictor == "dense":
             selection = SelectionConfig(budget_tokens=self.config.max_model_len, group_size=opts.group_size)
-        return KVSwapDisk(self._model, store, DiskRuntimeConfig(selection, opts.predictor), adapter), store
+        prefetch = default_prefetch(True, self.config.device) if opts.prefetch is None else opts.prefetch
+        config = DiskRuntimeConfig(selection, opts.predictor, prefetch=prefetch)
+        return KVSwapDisk(self._model, store, config, adapter), store
 
     def _eos_ids(self) -> set[int]:
         eos = self._model.generation_config.eos_token_id

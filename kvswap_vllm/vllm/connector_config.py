@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.paths import kv_dir
 from kvswap_vllm.predict.base import PREDICTORS
+from kvswap_vllm.prefetch.policy import default_prefetch
 from kvswap_vllm.store.profiles import get_profile
 
 CONNECTOR_NAME = "kvswap"
@@ -45,11 +46,13 @@ class ConnectorConfig:
     # layers, + one staging layer), in whole groups. The worker refuses to start if that is
     # less than one group.
     hot_tier_mb: float | None = None
-    # Ablations of KVSwap decoding, for benchmarks: reuse=false reads every selected group again
-    # each step; prefetch=false selects each layer from its own query when it runs (no
-    # layer-ahead, no early step reads), its reads on the critical path.
+    # reuse=false (ablation) reads every selected group again each step.
     reuse: bool = True
-    prefetch: bool = True
+    # Layer-ahead and step-start prefetch; false: each layer selects from its own query when it
+    # runs, its reads on the critical path. Unset: on where needed (reselect false), else off:
+    # KVSwap decoding in vLLM runs on the CPU backend, where prefetching costs more than it
+    # hides (prefetch.pipeline.default_prefetch has the measurement).
+    prefetch: bool | None = None
     # Each layer selects again from its own query and reads what the layer-ahead prediction
     # missed (exact selection; the prediction is a prefetch). false: attend to the prediction,
     # as the paper does (fewer reads on the critical path, lower quality).
@@ -74,6 +77,8 @@ class ConnectorConfig:
                               f"supported: {', '.join(sorted(PREDICTORS))}")
         if self.direct_io not in ("auto", "on", "off"):
             raise KVSwapError(f"kvswap connector: direct_io must be 'auto', 'on' or 'off', got {self.direct_io!r}")
+        if self.prefetch is None:
+            object.__setattr__(self, "prefetch", default_prefetch(self.reselect is True))
         for name in ("save_decode", "reuse", "prefetch", "reselect", "throttle_reads"):
             if not isinstance(getattr(self, name), bool):
                 raise KVSwapError(f"kvswap connector: {name} must be true or false, got {getattr(self, name)!r}")

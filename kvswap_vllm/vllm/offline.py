@@ -27,6 +27,8 @@ def connector_options(kv: KVSwapOptions) -> dict:
         extra["hot_tier_mb"] = kv.hot_tier_mb * SPARSE_MAX_NUM_SEQS
     if kv.storage_profile:
         extra.update(storage_profile=kv.storage_profile, throttle_reads=True)
+    if kv.prefetch is not None:
+        extra["prefetch"] = kv.prefetch
     return extra
 
 
