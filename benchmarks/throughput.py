@@ -2,7 +2,7 @@
 and against the other disk-offload designs, on the same engine and harness.
 
     python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\
-        [--context 4000,7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 400] \\
+        [--context 4000,7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 200,400,800] \\
         [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-prefetch,kvswap-noprefetch,kvswap-ahead,infinigen,dense-disk] \\
         [--profiles native,emmc] [--split-io]
 
@@ -321,6 +321,7 @@ def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: 
         "system": system, "engine": engine, "device": device,
         "context": round(sum(map(len, prompts)) / batch), "batch": batch,
         "profile": profile, "group_size": None if options is None else options.get("group_size", 4),
+        "budget_tokens": None if options is None else budget_tokens,
         "tokens_per_s": round(out["tokens_per_s"], 2), "step_s": round(out["step_s"], 4),
         # Step time with the disk tier in RAM, and the disk's busy time per decode step: a step
         # that overlaps reads with compute perfectly takes max(compute_only_s, io_only_s).
@@ -344,6 +345,18 @@ def _round(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(x, digits)
 
 
+#: Systems that hold the whole KV in memory and read nothing: no budget, no storage profile.
+STOCK = ("vllm-full", "hf-full", LLAMACPP)
+
+
+def plan_cases(contexts: list[int], batches: list[int], profiles: list[str], systems: list[str],
+               budgets: list[int]) -> list[tuple[int, int, str, str, int]]:
+    """(context, batch, profile, system, budget) of every row; a stock system runs once per
+    (context, batch), whatever the profiles and budgets."""
+    return [(c, b, prof, sys_, m) for c in contexts for b in batches for prof in profiles for sys_ in systems
+            for m in budgets if not (sys_ in STOCK and (prof != profiles[0] or m != budgets[0]))]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm",
@@ -353,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", default="7000", help="prompt tokens, comma-separated (default: 7000)")
     p.add_argument("--batch", default="1,4,8")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--budget-tokens", type=int, default=400)
+    p.add_argument("--budget-tokens", default="400",
+                   help="M, tokens of full groups attended per layer per sequence, comma-separated (a sweep; "
+                        "the stock systems hold everything and run once)")
     p.add_argument("--systems", default=None,
                    help=f"comma-separated: vllm-full, {', '.join(SYSTEMS)} (default: vllm-full,kvswap; "
                         "--engine hf: hf-full,kvswap)")
@@ -385,22 +400,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.split_io and not os.path.isdir(RAM_DIR):
         p.error(f"--split-io keeps a disk tier in RAM under {RAM_DIR}, which this machine lacks")
     model = args.model or default_model_path()
-    stock = ("vllm-full", "hf-full", LLAMACPP)  # read nothing: once per batch
-    cases = [(c, b, prof, sys_) for c in (int(x) for x in args.context.split(","))
-             for b in (int(x) for x in args.batch.split(",")) for prof in profiles for sys_ in systems
-             if not (sys_ in stock and prof != profiles[0])]
+    try:
+        budgets = [int(x) for x in args.budget_tokens.split(",")]
+    except ValueError:
+        p.error(f"--budget-tokens takes comma-separated token counts, got {args.budget_tokens!r}")
+    if min(budgets) < 1:
+        p.error(f"--budget-tokens must be positive, got {args.budget_tokens!r}")
+    cases = plan_cases([int(x) for x in args.context.split(",")], [int(x) for x in args.batch.split(",")],
+                       profiles, systems, budgets)
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvswap-throughput-") as kv:
-        for n, (context, batch, profile, system) in enumerate(cases, 1):
-            print(f"[throughput {n}/{len(cases)}] {system} batch {batch} context ~{context} profile {profile} ...",
-                  file=sys.stderr, flush=True)
-            row = run_row(model, system, context, batch, args.max_new_tokens, args.budget_tokens, Path(kv),
+        for n, (context, batch, profile, system, budget) in enumerate(cases, 1):
+            print(f"[throughput {n}/{len(cases)}] {system} batch {batch} context ~{context} profile {profile}"
+                  + ("" if system in STOCK else f" M {budget}") + " ...", file=sys.stderr, flush=True)
+            row = run_row(model, system, context, batch, args.max_new_tokens, budget, Path(kv),
                           profile, args.split_io and args.engine == "vllm", args.engine, args.device,
                           args.gguf or (model_gguf(model) if system == LLAMACPP else None))
             print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
             rows.append(row)
     result = {"benchmark": "throughput", "engine": args.engine, "device": args.device, "model": str(model),
-              "budget_tokens": args.budget_tokens, "max_new_tokens": args.max_new_tokens, "rows": rows}
+              "budget_tokens": budgets[0] if len(budgets) == 1 else budgets, "max_new_tokens": args.max_new_tokens, "rows": rows}
     if args.device != "cpu":
         import torch
 

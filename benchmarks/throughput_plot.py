@@ -19,24 +19,27 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    case = lambda r: (r["context"], r["batch"], r.get("profile") or "native")  # noqa: E731
-    cases = sorted({case(r) for r in rows})
+    # Stock rows (no budget) hold everything: one stands for every profile and budget of its
+    # (context, batch).
+    case = lambda r: (r["context"], r["batch"], r.get("profile") or "native", r.get("budget_tokens") or 0)  # noqa: E731
+    cases = sorted({case(r) for r in rows if r.get("budget_tokens")} or {case(r) for r in rows})
     systems = list(dict.fromkeys(r["system"] for r in rows))
     value = {(r["system"], *case(r)): r for r in rows}
-    stock = {(r["context"], r["batch"]): r for r in rows if r["system"] == "vllm-full"}
+    held_all = {(r["system"], r["context"], r["batch"]): r for r in rows if not r.get("budget_tokens")}
+    sweep = len({c[3] for c in cases}) > 1
     width = 0.8 / len(systems)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, key, title in zip(axes, ("tokens_per_s", "kv_memory_mb"), ("decode tokens/s", "KV held in memory, MB")):
         for i, system in enumerate(systems):
-            # stock vLLM reads nothing: its row of a (context, batch) stands for every profile
-            ys = [value[(system, *c)][key] if (system, *c) in value
-                  else stock[c[:2]][key] if system == "vllm-full" and c[:2] in stock else 0 for c in cases]
+            ys = [(value.get((system, *c)) or held_all.get((system, *c[:2])) or {}).get(key) or 0 for c in cases]
             ax.bar([x + i * width for x in range(len(cases))], ys, width, label=system)
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(cases))],
-                      [f"{c} tok x {b}" + ("" if p == "native" else f", {p}") for c, b, p in cases])
+                      [f"{c} tok x {b}" + ("" if p == "native" else f", {p}") + (f", M={m}" if sweep else "")
+                       for c, b, p, m in cases], fontsize=8 if sweep else None)
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"vLLM engine, M={result.get('budget_tokens')} tokens, {result.get('max_new_tokens')} new tokens")
+    fig.suptitle(f"{result.get('engine', 'vllm')} engine, M={result.get('budget_tokens')} tokens, "
+                 f"{result.get('max_new_tokens')} new tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -53,6 +53,32 @@ def test_unknown_names_are_refused_with_the_known_ones(capsys, flags: list[str],
     assert needle in err and ("dense-disk" in err if "system" in needle else "emmc" in err)
 
 
+def test_budget_sweep_runs_stock_systems_once() -> None:
+    cases = throughput.plan_cases([4000], [1, 4], ["native", "emmc"], ["vllm-full", "kvswap"], [200, 800])
+    assert [c for c in cases if c[3] == "vllm-full"] == [(4000, 1, "native", "vllm-full", 200),
+                                                         (4000, 4, "native", "vllm-full", 200)]
+    kv = [c for c in cases if c[3] == "kvswap"]
+    assert len(kv) == 2 * 2 * 2 and {(c[2], c[4]) for c in kv} == {(p, m) for p in ("native", "emmc") for m in (200, 800)}
+
+
+@pytest.mark.parametrize("value", ["400,x", "0", "-5,400"])
+def test_bad_budget_lists_are_refused(capsys, value: str) -> None:
+    with pytest.raises(SystemExit):
+        throughput.main(["--budget-tokens", value])
+    assert "--budget-tokens" in capsys.readouterr().err
+
+
+def test_plot_of_a_budget_sweep(tmp_path: Path) -> None:
+    rows = [{"system": "vllm-full", "context": 4000, "batch": 4, "tokens_per_s": 28.9, "kv_memory_mb": 708,
+             "budget_tokens": None}]
+    rows += [{"system": "kvswap", "context": 4000, "batch": 4, "tokens_per_s": 8 - m / 200, "kv_memory_mb": m / 3,
+              "budget_tokens": m} for m in (200, 400, 800)]
+    src = tmp_path / "sweep.json"
+    src.write_text(json.dumps({"rows": rows, "engine": "vllm", "budget_tokens": [200, 400, 800], "max_new_tokens": 16}))
+    assert throughput_plot.main([str(src)]) == 0
+    assert src.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     rows = [{"system": s, "context": c, "batch": b, "tokens_per_s": t, "kv_memory_mb": m}
             for s, c, b, t, m in [("vllm-full", 4000, 4, 28.9, 708), ("kvswap", 4000, 4, 11.2, 134),
