@@ -58,17 +58,62 @@ def test_matches_in_memory_reference_bit_for_bit(tmp_path: Path, predictor: str,
         assert store.sequences() == []  # private KV deleted when the sequence ends
 
 
-def test_chunked_prefill_reads_back_from_disk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block", [8, 4096])
+def test_chunked_prefill_reads_back_from_disk(tmp_path: Path, block: int, monkeypatch) -> None:
+    """Chunks 2.. attend to the earlier chunks' KV read back from disk, `prefill_block` tokens
+    at a time (never the whole past at once); the logits are dense attention's."""
+    from kvswap_vllm.runtime.sequence import KVSwapSequence
+
     base = tiny_llama()
     model = copy.deepcopy(base)
     dense = greedy_logits(base, PROMPT, 0)[0]
+    reads: list[int] = []
+    real_read = KVSwapSequence.read_groups
+    monkeypatch.setattr(KVSwapSequence, "read_groups", lambda self, layer, ids, out=None: (
+        reads.append(len(ids)), real_read(self, layer, ids, out))[1])
     with disk_store(tmp_path / "kv", model) as store:
-        rt = KVSwapDisk(model, store, DiskRuntimeConfig(SelectionConfig(4096, 4), "dense", prefill_chunk=16))
+        config = DiskRuntimeConfig(SelectionConfig(4096, 4), "dense", prefill_chunk=16, prefill_block=block)
+        rt = KVSwapDisk(model, store, config)
         seq = rt.new_sequence()
         got = disk_logits(model, seq, PROMPT, 0, chunk=16)[0]
         assert torch.allclose(dense, got, atol=1e-4)
-        assert store.stats.bytes_read > 0  # chunks 2.. read the earlier chunks' KV from disk
+        layers = model.config.num_hidden_layers
+        # Past groups before chunks 2, 3, 4 (16 tokens = 4 groups each), per layer.
+        assert sum(reads) == (4 + 8 + 12) * layers
+        per_read = min(block // 4, 12)
+        assert max(reads) == per_read and len(reads) == sum(-(-n // per_read) for n in (4, 8, 12)) * layers
         seq.close()
+
+
+def test_bad_prefill_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="prefill_block >= group_size"):
+        DiskRuntimeConfig(SelectionConfig(400, 4), prefill_block=2)
+    with pytest.raises(ValueError, match="prefill_chunk >= 1"):
+        DiskRuntimeConfig(SelectionConfig(400, 4), prefill_chunk=0)
+
+
+def test_a_finished_sequence_frees_its_memory_at_once(tmp_path: Path) -> None:
+    """Its hot tier, tail and metadata go when the sequence is closed and dropped, without
+    waiting for the cyclic garbage collector (which long-lived objects seldom see: the buffers
+    of every finished prompt used to stay resident)."""
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    with disk_store(tmp_path / "kv", model) as store:
+        rt = KVSwapDisk(model, store, DiskRuntimeConfig(SelectionConfig(16, 4), "kvswap", flush_groups=2,
+                                                        prefill_chunk=32), adapter_for(model))
+        gc.disable()
+        try:
+            generate(model, rt, PROMPT[0].tolist(), 12, eos=set())
+            core = weakref.ref(rt.current.core)
+            hot = weakref.ref(rt.current.core.hot)
+            assert hot().nbytes > 0
+            rt.new_sequence()  # closes and drops the finished one
+            assert core() is None and hot() is None
+        finally:
+            gc.enable()
+            rt.current.close()
 
 
 def test_generate_with_rolling_tail_reports_stats(tmp_path: Path) -> None:

@@ -238,7 +238,7 @@ def test_early_step_reads_only_when_a_layer_has_new_groups(tmp_path: Path, reuse
         config = DiskRuntimeConfig(SelectionConfig(4096, 4), "dense", flush_groups=2, reuse=reuse, prefetch=prefetch)
         seq = KVSwapSequence(store, shape, config)
         for layer in range(3):
-            seq.prefill_kv(layer, k_all[:, :40], v_all[:, :40], last_query=q_all[39])
+            seq.prefill_attention(layer, q_all[:40].transpose(0, 1), k_all[:, :40], v_all[:, :40], 1.0, seed_prefetch=True)
         for t in range(40, 52):  # 12 decode steps; the tail reaches 8 tokens at the 8th and goes to disk
             seq.prefetch_step()
             for layer in range(3):
@@ -272,7 +272,7 @@ def test_layer_attends_to_its_own_query_selection_when_it_reselects(tmp_path: Pa
         config = DiskRuntimeConfig(SelectionConfig(16, 4), "quest", flush_groups=2, reselect=reselect)
         seq = KVSwapSequence(store, shape, config)
         for layer in range(3):
-            seq.prefill_kv(layer, k_all[:, :64], v_all[:, :64])
+            seq.prefill_attention(layer, torch.randn(4, 64, 8), k_all[:, :64], v_all[:, :64], 1.0)
         oracle = create_predictor("quest", shape, config.selection)
         oracle.append_groups(2, k_all[:, :64].transpose(0, 1).reshape(16, 4, 2, 8))
         exact, wrong = oracle.select(2, q_real), oracle.select(2, q_wrong)
@@ -302,7 +302,7 @@ def test_a_right_prediction_needs_no_second_load(tmp_path: Path) -> None:
     with DiskStore(cfg) as store:
         seq = KVSwapSequence(store, shape, DiskRuntimeConfig(SelectionConfig(16, 4), "quest", flush_groups=2))
         for layer in range(3):
-            seq.prefill_kv(layer, k_all[:, :64], v_all[:, :64])
+            seq.prefill_attention(layer, torch.randn(4, 64, 8), k_all[:, :64], v_all[:, :64], 1.0)
         seq.submit(2, q, ahead=True)
         seq.decode_kv(2, k_all[:, 64:65], v_all[:, 64:65], q)
         by = seq.prefetch.stats.by_source

@@ -3,8 +3,8 @@
 Per layer, memory holds only: the low-rank metadata (in the predictor), M/G hot-tier slots,
 and a rolling tail of the newest tokens. Everything else is in the disk tier:
 - prefill runs in chunks; each chunk attends densely to the previous tokens, read back from
-  the disk tier one layer at a time (memory bounded by one layer's KV), and its full groups
-  are written to the disk tier as it goes;
+  the disk tier one block at a time and merged exactly (memory bounded by one block, whatever
+  the context), and its full groups are written to the disk tier as it goes;
 - decode: inside layer L the next layer's query is predicted (layer-ahead), its groups are
   selected and their loads submitted; layer L+1 waits only for its own reads, then attends to
   its hot-tier slots plus the tail. Layers 0 and 1 select from their own query, synchronously.
@@ -18,7 +18,7 @@ import time
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvswap_vllm.resources import return_freed_memory_promptly, trim_heap
+from kvswap_vllm.resources import return_freed_memory_promptly
 from kvswap_vllm.runtime.hf_kvswap import attend, layer_query, model_shape, register_attention
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence
 from kvswap_vllm.store.disk_store import DiskStore
@@ -36,10 +36,9 @@ class _Layer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if key_states.shape[2] == 1:  # decode: the tail; _attention adds the selected groups
-            k, v = self.core.decode_tail(self.layer, key_states[0], value_states[0])
-        else:
-            k, v = self.core.prefill_kv(self.layer, key_states[0], value_states[0])
+        if key_states.shape[2] != 1:  # prefill: _attention appends the chunk after attending to the past
+            return key_states, value_states
+        k, v = self.core.decode_tail(self.layer, key_states[0], value_states[0])  # _attention adds the selection
         return k.unsqueeze(0), v.unsqueeze(0)
 
     def get_seq_length(self) -> int:
@@ -73,7 +72,9 @@ class KVSwapDisk:
         self.current: DiskSequence | None = None
         # A chunked prefill's transients (K/V of the whole past, per layer) must not stay as RSS.
         return_freed_memory_promptly()
-        register_attention(ATTENTION_NAME, _attention)
+        # No mask: _attention knows the chunk's causal structure (batch 1, no padding), and a
+        # mask over the whole past would be a transient of chunk x context.
+        register_attention(ATTENTION_NAME, _attention, mask=_no_mask)
         self._attn = [layer.self_attn for layer in model.model.layers]
         for i, attn in enumerate(self._attn):
             attn._kvswap_disk = self
@@ -115,13 +116,18 @@ class KVSwapDisk:
         return hook
 
 
+def _no_mask(*args, **kwargs) -> None:
+    return None
+
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
     rt: KVSwapDisk = module._kvswap_disk
     if key.shape[0] != 1:
         raise ValueError("the disk-backed KVSwap runtime decodes one sequence at a time (batch 1)")
-    if query.shape[2] != 1:
-        return attend(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[2] != 1:  # a prefill chunk: causal over itself, dense over the past (in blocks)
+        scale = kwargs.get("scaling") or module.scaling
+        out = rt.current.core.prefill_attention(module.layer_idx, query[0], key[0], value[0], scale)
+        return out.transpose(0, 1).unsqueeze(0), None
     hk, hv = rt.current.core.hot_kv(module.layer_idx)
     k = torch.cat([hk.unsqueeze(0), key], dim=2)
     v = torch.cat([hv.unsqueeze(0), value], dim=2)
@@ -138,7 +144,6 @@ def generate(model, runtime: KVSwapDisk, prompt: list[int], max_new_tokens: int,
     for start in range(0, ids.shape[1], chunk):
         # Logits of the chunk's last token only: all of them would be chunk x vocab floats.
         out = model(input_ids=ids[:, start:start + chunk], past_key_values=seq, use_cache=True, logits_to_keep=1)
-    trim_heap()  # what the prefill's transients left in the heap goes back to the OS
     t_first = time.perf_counter()
     tokens = [int(out.logits[0, -1].argmax())]
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:

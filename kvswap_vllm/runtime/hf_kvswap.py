@@ -50,11 +50,12 @@ def model_shape(config) -> ModelShape:
     return ModelShape(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head_dim)
 
 
-def register_attention(name: str, fn) -> None:
-    """Register an attention function with the SDPA mask builder: without the mask entry,
-    transformers builds no causal mask for an unknown name, which breaks chunked prefill."""
+def register_attention(name: str, fn, mask=sdpa_mask) -> None:
+    """Register an attention function with its mask builder (default SDPA's): without the mask
+    entry, transformers builds no causal mask for an unknown name, which breaks chunked prefill
+    of an attention function that relies on it."""
     AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, mask)
 
 
 def attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,

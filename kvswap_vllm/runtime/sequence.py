@@ -13,12 +13,15 @@ go to the host for selection and full groups go to the host once, when written.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kvswap_vllm.attention.blockwise import BlockwiseSoftmax, attention_with_lse
 from kvswap_vllm.hot.tier import HotTier
+from kvswap_vllm.resources import trim_heap
 from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor, select_batch
 from kvswap_vllm.predict.persisted import rows_from_aux, rows_to_aux
 from kvswap_vllm.prefetch.pipeline import LayerPrefetcher
@@ -34,8 +37,11 @@ class DiskRuntimeConfig:
     predictor: str = "kvswap"
     # Newest groups kept in memory before they go to disk as one file (the rolling tail).
     flush_groups: int = 16
-    # Prefill chunk, tokens: bounds prefill memory.
+    # Prefill chunk, tokens: bounds prefill memory (its activations) with the block below.
     prefill_chunk: int = 1024
+    # Tokens of the past a prefill chunk reads back from disk at once (its attention merges the
+    # blocks exactly): prefill memory does not grow with the context.
+    prefill_block: int = 1024
     # False: every load reads its whole selection, resident or not (the no-reuse baseline).
     reuse: bool = True
     # False: no early step reads, and every layer selects from its own query when it runs,
@@ -47,6 +53,16 @@ class DiskRuntimeConfig:
     # as the paper does (fewer reads on the critical path; lower quality, see README).
     reselect: bool = True
 
+    def __post_init__(self) -> None:
+        if self.prefill_chunk < 1 or self.prefill_block < self.selection.group_size:
+            raise ValueError(f"need prefill_chunk >= 1 and prefill_block >= group_size, got {self}")
+
+
+#: Prefill chunks of at least this many tokens give their freed memory back to the OS after each
+#: layer (malloc_trim, 1-2 ms): the heap otherwise keeps a few MB per layer, depending on where
+#: long-lived rows (metadata, the tail) land among the transients, and a 7k-token prompt's RSS
+#: then grew by 60-300 MB from run to run (with the trim: 80-105 MB, measured).
+TRIM_AFTER_TOKENS = 256
 
 #: Layers below this select from their own query (nothing before them predicts it).
 FIRST_AHEAD_LAYER = 2
@@ -81,6 +97,35 @@ class Persistence:
         return out
 
 
+@dataclass(frozen=True)
+class SequenceReader:
+    """Reads a sequence's groups: those of its prefix runs from their stored sequences."""
+
+    store: DiskStore
+    name: str
+    prefix: tuple[PrefixRun, ...] = ()
+
+    def __call__(self, layer: int, ids: list[int], out: torch.Tensor | None = None) -> ReadResult:
+        """Groups `ids` (ascending) of `layer`."""
+        parts: list[tuple[str, list[int]]] = []
+        for g in ids:
+            src = next((r.sequence for r in self.prefix if r.start <= g < r.stop), self.name)
+            if parts and parts[-1][0] == src:
+                parts[-1][1].append(g)
+            else:
+                parts.append((src, [g]))
+        if len(parts) <= 1:
+            return self.store.read_groups(parts[0][0] if parts else self.name, layer, ids, out=out)
+        if out is None:
+            out = aligned_tensor((len(ids), *self.store.config.group_shape), self.store.config.torch_dtype)
+        found, nbytes, extents, i = [], 0, 0, 0
+        for src, part in parts:
+            res = self.store.read_groups(src, layer, part, out=out[i:i + len(part)])
+            found.append(res.found)
+            nbytes, extents, i = nbytes + res.bytes_read, extents + res.extents, i + len(part)
+        return ReadResult(out, np.concatenate(found), nbytes, extents)
+
+
 class KVSwapSequence:
     """The KV of one sequence: disk groups + low-rank metadata + hot tier + tail, per layer."""
 
@@ -106,7 +151,10 @@ class KVSwapSequence:
         except BaseException:
             self._release_files()
             raise
-        self.hot = HotTier(store, self.name, config.selection.budget_groups, read=self.read_groups,
+        # Not a bound method: the hot tier must not refer back to the sequence, or the two would be
+        # a cycle that only the cyclic GC frees (its buffers then outlived closed sequences).
+        self._reader = SequenceReader(store, self.name, tuple(self.prefix))
+        self.hot = HotTier(store, self.name, config.selection.budget_groups, read=self._reader,
                            reuse=config.reuse, device=self.device)
         self.prefetch = LayerPrefetcher(self.hot)
         n = shape.num_layers
@@ -133,60 +181,48 @@ class KVSwapSequence:
 
     def read_groups(self, layer: int, ids: list[int], out: torch.Tensor | None = None) -> ReadResult:
         """Groups `ids` (ascending) of `layer`, from the prefix runs' sequences or this one."""
-        parts: list[tuple[str, list[int]]] = []
-        for g in ids:
-            src = next((r.sequence for r in self.prefix if r.start <= g < r.stop), self.name)
-            if parts and parts[-1][0] == src:
-                parts[-1][1].append(g)
-            else:
-                parts.append((src, [g]))
-        if len(parts) <= 1:
-            return self.store.read_groups(parts[0][0] if parts else self.name, layer, ids, out=out)
-        if out is None:
-            out = aligned_tensor((len(ids), *self.store.config.group_shape), self.store.config.torch_dtype)
-        found, nbytes, extents, i = [], 0, 0, 0
-        for src, part in parts:
-            res = self.store.read_groups(src, layer, part, out=out[i:i + len(part)])
-            found.append(res.found)
-            nbytes, extents, i = nbytes + res.bytes_read, extents + res.extents, i + len(part)
-        return ReadResult(out, np.concatenate(found), nbytes, extents)
+        return self._reader(layer, ids, out)
 
     def length(self, layer: int) -> int:
         tail = 0 if self._k[layer] is None else self._k[layer].shape[1]
         return self.disk_groups[layer] * self.group_size + tail
 
     # ----- prefill: dense over everything so far --------------------------------------------
-    def prefill_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-                   last_query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append a chunk; returns K and V of the whole sequence (past read back from disk, one
-        layer at a time) and writes the chunk's full groups to disk. `last_query` (the chunk's
-        last query, (num_q_heads, head_dim)) seeds the first decode step's early prefetch."""
-        if last_query is not None:
-            self._query[layer] = last_query.to("cpu", copy=True)
+    def prefill_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          seed_prefetch: bool = False) -> torch.Tensor:
+        """Append a chunk (k, v: (H, T, d)) and attend its queries q (Hq, T, d) to the whole
+        sequence: to the chunk itself (causal), the unflushed tail, and the disk groups read back
+        `prefill_block` tokens at a time, merged exactly; then write the chunk's full groups to
+        disk. Memory: one block of the past, never all of it. `seed_prefetch`: the chunk's last
+        query seeds the first decode step's early prefetch."""
+        if seed_prefetch:
+            self._query[layer] = q[:, -1].to("cpu", copy=True)
+        acc = BlockwiseSoftmax()
+        acc.add(*attention_with_lse(q, k, v, scale, causal=True))
+        if self._k[layer] is not None and self._k[layer].shape[1]:
+            acc.add(*attention_with_lse(q, self._k[layer], self._v[layer], scale, causal=False))
+        for past_k, past_v in self._past_blocks(layer):
+            acc.add(*attention_with_lse(q, past_k, past_v, scale, causal=False))
         self._append(layer, k, v)
-        full_k, full_v = self._with_past(layer, self._k[layer], self._v[layer])
         self._flush(layer, self._k[layer].shape[1] // self.group_size * self.group_size)
-        return full_k, full_v
+        out = acc.result(q.dtype)
+        if q.shape[1] >= TRIM_AFTER_TOKENS:
+            trim_heap()
+        return out
 
-    def _with_past(self, layer: int, tail_k: torch.Tensor, tail_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's disk groups read back, then the tail: one copy of each into the result
-        (a long past is the largest transient of a chunked prefill)."""
+    def _past_blocks(self, layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The layer's disk groups, read back in blocks of about `prefill_block` tokens: (K, V)."""
         groups = self.disk_groups[layer]
-        if groups == 0:
-            return tail_k, tail_v
-        self.store.flush()
-        res = self.read_groups(layer, list(range(groups)))
-        if not res.found.all():
-            raise RuntimeError(f"disk tier lost groups of layer {layer} of {self.name} during prefill")
-        kv = res.kv.to(self.device)
-        n, h, _, g, d = kv.shape  # (n, H, 2, G, d)
-        out = []
-        for i, tail in enumerate((tail_k, tail_v)):
-            full = torch.empty(h, n * g + tail.shape[1], d, dtype=tail.dtype, device=tail.device)
-            full[:, :n * g].view(h, n, g, d).copy_(kv[:, :, i].permute(1, 0, 2, 3))
-            full[:, n * g:] = tail
-            out.append(full)
-        return out[0], out[1]
+        if groups:
+            self.store.flush()  # the previous chunk's writes
+        step = max(1, self.config.prefill_block // self.group_size)
+        for first in range(0, groups, step):
+            res = self.read_groups(layer, list(range(first, min(first + step, groups))))
+            if not res.found.all():
+                raise RuntimeError(f"disk tier lost groups of layer {layer} of {self.name} during prefill")
+            kv = res.kv.to(self.device)  # (n, H, 2, G, d)
+            n, h, _, g, d = kv.shape
+            yield (kv[:, :, 0].transpose(0, 1).reshape(h, n * g, d), kv[:, :, 1].transpose(0, 1).reshape(h, n * g, d))
 
     # ----- decode: selected groups + tail ---------------------------------------------------
     def submit(self, layer: int, query: torch.Tensor, ahead: bool) -> None:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from kvswap_vllm.errors import KVSwapError
@@ -46,8 +45,6 @@ log = logging.getLogger("vllm.kvswap")
 # Where the worker writes its memory peaks when it shuts down (benchmarks set it).
 STATS_ENV = "KVSWAP_STATS_FILE"
 STATS_INTERVAL_S = 2.0
-# Query rows per dense prefill attention call: bounds the score matrix (rows x context x heads).
-PREFILL_QUERY_BLOCK = 256
 
 
 class SparseRuntime:
@@ -198,8 +195,7 @@ class SparseRuntime:
                     kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
                     o = _decode_attention(q, kk, vv, scale)
                 else:
-                    kk, vv = seq.prefill_kv(layer, k, v, last_query=q[:, -1])
-                    o = _causal_attention(q, kk, vv, context, scale)
+                    o = seq.prefill_attention(layer, q, k, v, scale, seed_prefetch=True)
             except (KVSwapError, OSError, RuntimeError) as exc:
                 self._fail(first, context, exc)
                 continue
@@ -352,19 +348,6 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     qq = q.reshape(hkv, hq // hkv, q.shape[-1])
     probs = torch.softmax(torch.bmm(qq, k.transpose(1, 2)) * scale, dim=-1)
     return torch.bmm(probs, v).view(hq, 1, -1)
-
-
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
-    """Query i (at position offset + i) attends to keys 0..offset + i; in row blocks."""
-    out = torch.empty_like(q)
-    pos_k = torch.arange(k.shape[1])
-    for r in range(0, q.shape[1], PREFILL_QUERY_BLOCK):
-        rows = slice(r, min(r + PREFILL_QUERY_BLOCK, q.shape[1]))
-        pos_q = torch.arange(rows.start, rows.stop) + offset
-        mask = pos_k[None, :] <= pos_q[:, None]
-        out[:, rows] = F.scaled_dot_product_attention(q[:, rows], k, v, attn_mask=mask, scale=scale,
-                                                      enable_gqa=True)
-    return out
 
 
 def active_runtime() -> tuple[SparseRuntime, Any] | None:
