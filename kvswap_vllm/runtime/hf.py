@@ -94,11 +94,13 @@ class HFGenerator(Generator):
         return GenerationResult(text, len(prompt), len(generated), t_first - t0, t_last - t_first)
 
     def _kvswap(self, prompt: list[int]) -> GenerationResult:
+        from kvswap_vllm.resources import trim_heap
         from kvswap_vllm.runtime.hf_disk import generate
 
         tokens, info = generate(self._model, self._runtime, prompt, self.config.max_new_tokens, self._eos_ids())
         self._runtime.current.close()
         self._runtime.current = None
+        trim_heap()  # what the finished sequence held goes back to the OS now
         extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()
                  if k not in ("ttft_s", "decode_s")}
         text = self._tokenizer.decode(tokens, skip_special_tokens=True)
