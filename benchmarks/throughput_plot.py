@@ -27,6 +27,7 @@ def plot(result: dict, path: Path) -> None:
     value = {(r["system"], *case(r)): r for r in rows}
     held_all = {(r["system"], r["context"], r["batch"]): r for r in rows if not r.get("budget_tokens")}
     sweep = len({c[3] for c in cases}) > 1
+    one_setting = len({c[:3] for c in cases}) == 1  # a budget sweep of one (context, batch, profile)
     width = 0.8 / len(systems)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, key, title in zip(axes, ("tokens_per_s", "kv_memory_mb"), ("decode tokens/s", "KV held in memory, MB")):
@@ -34,15 +35,25 @@ def plot(result: dict, path: Path) -> None:
             ys = [(value.get((system, *c)) or held_all.get((system, *c[:2])) or {}).get(key) or 0 for c in cases]
             ax.bar([x + i * width for x in range(len(cases))], ys, width, label=system)
         ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(cases))],
-                      [f"{c} tok x {b}" + ("" if p == "native" else f", {p}") + (f", M={m}" if sweep else "")
-                       for c, b, p, m in cases], fontsize=8 if sweep else None)
+                      [_label(c, sweep, one_setting) for c in cases])
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{result.get('engine', 'vllm')} engine, M={result.get('budget_tokens')} tokens, "
+    setting = f"{cases[0][0]} tokens x {cases[0][1]}, " if sweep and one_setting else ""
+    fig.suptitle(f"{result.get('engine', 'vllm')} engine, {setting}M={result.get('budget_tokens')} tokens, "
                  f"{result.get('max_new_tokens')} new tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _label(case: tuple, sweep: bool, one_setting: bool) -> str:
+    context, batch, profile, budget = case
+    parts = [] if sweep and one_setting else [f"{context} tok x {batch}"]
+    if profile != "native":
+        parts.append(profile)
+    if sweep:
+        parts.append(f"M={budget}")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
