@@ -70,7 +70,7 @@ class KVSwapDisk:
         self.model, self.store, self.config, self.adapter = model, store, config, adapter
         self.shape = model_shape(model.config)
         self.current: DiskSequence | None = None
-        # A chunked prefill's transients (K/V of the whole past, per layer) must not stay as RSS.
+        # A chunked prefill's transients (activations, blocks of the past) must not stay as RSS.
         return_freed_memory_promptly()
         # No mask: _attention knows the chunk's causal structure (batch 1, no padding), and a
         # mask over the whole past would be a transient of chunk x context.

@@ -21,10 +21,10 @@ import torch
 
 from kvswap_vllm.attention.blockwise import BlockwiseSoftmax, attention_with_lse
 from kvswap_vllm.hot.tier import HotTier
-from kvswap_vllm.resources import trim_heap
 from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor, select_batch
 from kvswap_vllm.predict.persisted import rows_from_aux, rows_to_aux
 from kvswap_vllm.prefetch.pipeline import LayerPrefetcher
+from kvswap_vllm.resources import trim_heap
 from kvswap_vllm.store.disk_store import DiskStore, ReadResult
 from kvswap_vllm.store.fileio import aligned_tensor
 
