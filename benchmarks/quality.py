@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flush-groups", type=int, default=16,
                    help="decoded tokens stay in the always-attended tail until it holds this many groups, "
                         "as in the disk runtimes (default: 16); 1 = the paper's tail of < G tokens")
+    p.add_argument("--hysteresis", type=float, default=SelectionConfig.hysteresis,
+                   help="groups attended at the previous step rank this share of M/G places higher "
+                        f"(default: {SelectionConfig.hysteresis}; 0 = plain top-k)")
     p.add_argument("--select", choices=["exact", "ahead"], default="exact",
                    help="layers >= 2 attend to their own query's selection (exact) or the layer-ahead one")
     args = p.parse_args(argv)
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         methods.insert(0, "dense")
     model_dir = resolve_model(args.model)
     tok, model, adapter = load(model_dir, args.adapter, args.calibration_tokens)
-    selection = SelectionConfig(budget_tokens=args.budget, group_size=args.group_size)
+    selection = SelectionConfig(budget_tokens=args.budget, group_size=args.group_size, hysteresis=args.hysteresis)
     ref = KVSwapReference(model, "dense", selection, adapter, reselect=args.select == "exact",
                           flush_groups=args.flush_groups)
     n = args.cases_per_length
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     tf = teacher_forced(model, tok, ref, methods, args.context, args.positions)
     result = {
         "benchmark": "quality", "model": str(model_dir),
-        "budget": {"budget_tokens": args.budget, "group_size": args.group_size, "rank": adapter.rank,
+        "budget": {"budget_tokens": args.budget, "group_size": args.group_size, "hysteresis": args.hysteresis,
+                   "rank": adapter.rank,
                    "per_head_rank": adapter.per_head_rank, "layer_ahead": True, "selection": args.select,
                    # decoded tokens attended besides the M selected ones: the tail, 0 .. this many
                    "tail_tokens_max": args.flush_groups * args.group_size - 1},

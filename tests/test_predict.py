@@ -162,3 +162,53 @@ def test_headwise_scores_are_each_heads_estimated_attention_mass() -> None:
         q_lr = q[h] @ a[h // 3]
         mass += torch.softmax(k_lr @ q_lr * 16**-0.5, dim=0)
     torch.testing.assert_close(p.score(0, q), mass.view(12, 4).sum(dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_hysteresis_keeps_near_ties_and_never_the_clearly_better_new_groups() -> None:
+    """Groups attended at the previous step rank `keep_places` places higher; new groups within
+    the top (k - keep_places) always win; ties go to the previous groups."""
+    from kvswap_vllm.predict.base import top_groups
+
+    scores = torch.arange(20, 0, -1, dtype=torch.float32).unsqueeze(0)  # group i ranks i-th
+    top = top_groups(scores, 8, [None], 2)
+    assert top[0].tolist() == list(range(8))  # nothing attended before: plain top-k
+    # Ranks 0-7 are selected; a previous group ranked 9th (8) moves up 2 places, level with the
+    # 7th (6): it wins the tie and displaces the 8th (7). 10th (9) would then be level with
+    # the 8th, but 8 has taken a place above it: out, as is 16th (15).
+    kept = top_groups(scores, 8, [torch.tensor([8, 9, 15])], 2)[0].tolist()
+    assert kept == [0, 1, 2, 3, 4, 5, 6, 8]
+    # However many previous groups are close, the top k - places = 6 new groups always stay.
+    assert top_groups(scores, 8, [torch.arange(6, 20)], 2)[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert top_groups(scores, 8, [torch.arange(8, 20)], 2)[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 8]
+    assert top_groups(scores, 8, [torch.tensor([8, 9, 15])], 0)[0].tolist() == list(range(8))
+    assert top_groups(scores, 8, [torch.tensor([7])], 3)[0].tolist() == list(range(8))  # already in: unchanged
+
+
+def test_hysteresis_reduces_churn_for_every_predictor(predictor) -> None:
+    """A query jittering around one direction: with hysteresis, consecutive selections share at
+    least as many groups as without (fewer reads), and still contain the top (k - places)."""
+    predictor.append_groups(1, keys(60))
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(6, 16, generator=g)
+    queries = [base + 0.5 * torch.randn(6, 16, generator=g) for _ in range(12)]
+    sticky = SelectionConfig(budget_tokens=SEL.budget_tokens, group_size=SEL.group_size, hysteresis=0.25)
+    other = create_predictor(predictor.name, SHAPE, sticky, predictor.adapter)
+    other.append_groups(1, keys(60))
+
+    def overlap(p: object, use_previous: bool) -> int:
+        prev, shared = None, 0
+        for q in queries:
+            sel = p.select(1, q, prev if use_previous else None)
+            shared += 0 if prev is None else len(set(sel.tolist()) & set(prev.tolist()))
+            prev = sel
+        return shared
+
+    assert overlap(other, True) >= overlap(predictor, False)
+    if predictor.name not in ("dense", "window"):  # position-only selections never churn
+        assert overlap(other, True) > overlap(predictor, False)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, True, "0.2"])
+def test_bad_hysteresis_is_refused(bad) -> None:
+    with pytest.raises(KVSwapError, match="hysteresis"):
+        SelectionConfig(budget_tokens=32, group_size=4, hysteresis=bad)

@@ -26,14 +26,28 @@ class SelectionConfig:
     budget_tokens: int = 400
     # G: tokens per group; one group is one disk request.
     group_size: int = 4
+    # Groups the layer attended to at its previous step rank this share of the budget
+    # (hysteresis x M/G places) higher than they score: a group whose score only jitters around
+    # the cut stays instead of being swapped for a near-tie, which would cost a read for no
+    # attention mass. New groups ranked within the top (1 - hysteresis) x M/G still always make
+    # it. 0 = plain top-k.
+    hysteresis: float = 0.0
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.budget_tokens < self.group_size:
             raise KVSwapError(f"need group_size >= 1 and budget_tokens >= group_size, got {self}")
+        if isinstance(self.hysteresis, bool) or not isinstance(self.hysteresis, (int, float)) or \
+                not 0 <= self.hysteresis < 1:
+            raise KVSwapError(f"hysteresis must be a number in [0, 1), got {self.hysteresis!r}")
 
     @property
     def budget_groups(self) -> int:
         return self.budget_tokens // self.group_size
+
+    @property
+    def keep_places(self) -> int:
+        """Places a group selected at the previous step gains in the ranking."""
+        return round(self.hysteresis * self.budget_groups)
 
 
 @dataclass(frozen=True)
@@ -89,9 +103,10 @@ class Predictor(ABC):
         digest = getattr(self.adapter, "digest", None)
         return self.name if digest is None else f"{self.name}:{digest}"
 
-    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        """Ids (ascending, int64) of the full groups `layer` should attend to."""
-        return select_batch([self], layer, query.unsqueeze(0))[0]
+    def select(self, layer: int, query: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids (ascending, int64) of the full groups `layer` should attend to; `previous`: the
+        ids it attended to at its previous step (favoured, see SelectionConfig.hysteresis)."""
+        return select_batch([self], layer, query.unsqueeze(0), [previous])[0]
 
     @classmethod
     def score_batch(cls, predictors: list["Predictor"], layer: int, queries: torch.Tensor) -> torch.Tensor:
@@ -121,10 +136,12 @@ class Predictor(ABC):
         """Bytes of metadata held now, over all layers."""
 
 
-def select_batch(predictors: list[Predictor], layer: int, queries: torch.Tensor) -> list[torch.Tensor]:
+def select_batch(predictors: list[Predictor], layer: int, queries: torch.Tensor,
+                 previous: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """`Predictor.select` for several sequences at once (one predictor each, all with the same
     selection config); predictors of one class are scored together, in one pass where the
-    class can (one engine step, one layer: a few large operations instead of many small ones)."""
+    class can (one engine step, one layer: a few large operations instead of many small ones).
+    `previous[i]`: what sequence i attended to at its previous step, or None."""
     out: list[torch.Tensor | None] = [None] * len(predictors)
     by_class: dict[type, list[int]] = {}
     for i, p in enumerate(predictors):
@@ -134,11 +151,27 @@ def select_batch(predictors: list[Predictor], layer: int, queries: torch.Tensor)
             by_class.setdefault(type(p), []).append(i)
     for cls, rows in by_class.items():
         scores = cls.score_batch([predictors[i] for i in rows], layer, queries[rows])
-        k = predictors[rows[0]].selection.budget_groups
-        picked = torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
+        selection = predictors[rows[0]].selection
+        kept = [None if previous is None else previous[i] for i in rows]
+        picked = top_groups(scores, selection.budget_groups, kept, selection.keep_places)
         for i, ids in zip(rows, picked):
             out[i] = ids
     return out  # type: ignore[return-value]
+
+
+def top_groups(scores: torch.Tensor, k: int, previous: list[torch.Tensor | None], places: int) -> torch.Tensor:
+    """(rows, k) ids, ascending, of the k best groups of each row of `scores` (rows, groups),
+    the groups of `previous[row]` ranked `places` places higher than they score (ties go to
+    them). Rank, not score, so every predictor's scale works the same."""
+    if places == 0 or all(p is None or not len(p) for p in previous):
+        return torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
+    order = scores.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order, dtype=torch.float32)
+    rank.scatter_(1, order, torch.arange(scores.shape[1], dtype=torch.float32).expand_as(rank).contiguous())
+    for row, prev in enumerate(previous):
+        if prev is not None and len(prev):
+            rank[row, prev] -= places + 0.5
+    return torch.topk(rank, k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
 
 
 #: Predictor name -> "module:Class", imported lazily.

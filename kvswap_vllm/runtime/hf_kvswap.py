@@ -150,9 +150,11 @@ class KVSwapReference:
         layer, g = module.layer_idx, self.selection.group_size
         real_q = query[0, :, -1]
         predicted = self._q_pred.get(layer) if self.layer_ahead and layer >= 2 else None
-        groups = self.predictor.select(layer, real_q if predicted is None or self.reselect else predicted)
+        prev = self._last.get(layer)
+        previous = None if prev is None else torch.tensor(sorted(prev), dtype=torch.int64)
+        groups = self.predictor.select(layer, real_q if predicted is None or self.reselect else predicted, previous)
         if predicted is not None and self.reselect and len(groups):
-            ahead = set(self.predictor.select(layer, predicted).tolist())
+            ahead = set(self.predictor.select(layer, predicted, previous).tolist())
             self.stats.ahead_hit_sum[layer] += sum(gid in ahead for gid in groups.tolist()) / len(groups)
             self.stats.ahead_steps[layer] += 1
         positions = selected_positions(groups, g, self.predictor.num_groups(layer) * g, key.shape[2])
@@ -162,7 +164,6 @@ class KVSwapReference:
             st.steps += 1
         st.selected_tokens += len(positions)
         chosen = set(groups.tolist())
-        prev = self._last.get(layer)
         if prev:
             st.reuse_sum[layer] += len(chosen & prev) / max(1, len(chosen))
         self._last[layer] = chosen

@@ -168,6 +168,8 @@ class KVSwapSequence:
         self._query: list[torch.Tensor | None] = [None] * n
         # Full groups each layer had when it last selected (-1: never selected yet).
         self._selected_over = [-1] * n
+        # The groups each layer attended to at its last step (selections favour them).
+        self._attended: list[torch.Tensor | None] = [None] * n
 
     def _import_prefix_metadata(self) -> None:
         for layer in range(self.shape.num_layers):
@@ -230,14 +232,14 @@ class KVSwapSequence:
         loading the ones not resident; this is the selection the layer attends to. `ahead` =
         predicted from the previous layer's input, else the layer's own query."""
         query = query.to("cpu")  # the predictor's metadata is in host memory
-        self._submit_selected(layer, query, self.predictor.select(layer, query), ahead)
+        self._submit_selected(layer, query, self.predictor.select(layer, query, self._attended[layer]), ahead)
 
     @staticmethod
     def submit_batch(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor, ahead: bool) -> None:
         """`submit` for several sequences (same config) at once: queries (len(seqs), q_heads, d),
         selected together (see predict.base.select_batch)."""
         queries = queries.to("cpu")
-        groups = select_batch([s.predictor for s in seqs], layer, queries)
+        groups = select_batch([s.predictor for s in seqs], layer, queries, [s._attended[layer] for s in seqs])
         for seq, query, ids in zip(seqs, queries, groups):
             seq._submit_selected(layer, query, ids, ahead)
 
@@ -264,7 +266,7 @@ class KVSwapSequence:
         for layer in range(FIRST_AHEAD_LAYER, self.shape.num_layers):
             q, groups = self._query[layer], self.predictor.num_groups(layer)
             if q is not None and layer not in self._submitted and groups and groups != self._selected_over[layer]:
-                self.prefetch.submit(layer, self.predictor.select(layer, q), "step")
+                self.prefetch.submit(layer, self.predictor.select(layer, q, self._attended[layer]), "step")
                 self._selected_over[layer] = groups
 
     def decode_tail(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,6 +289,7 @@ class KVSwapSequence:
         res = self.prefetch.wait(layer)
         if res.unavailable:
             raise RuntimeError(f"layer {layer}: groups {res.unavailable[:5]} are not in the disk tier")
+        self._attended[layer] = torch.tensor(res.groups, dtype=torch.int64)
         return self.hot.gather(layer, res.slots)
 
     def decode_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor,
