@@ -3,12 +3,12 @@ and against the other disk-offload designs, on the same engine and harness.
 
     python -m benchmarks.throughput --engine vllm --out results/throughput_vllm.json \\
         [--context 4000,7000] [--batch 1,4,8] [--max-new-tokens 32] [--budget-tokens 200,400,800] \\
-        [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-prefetch,kvswap-noprefetch,kvswap-ahead,infinigen,dense-disk] \\
+        [--systems vllm-full,kvswap,kvswap-noreuse,kvswap-plain,kvswap-prefetch,kvswap-noprefetch,kvswap-ahead,infinigen,dense-disk] \\
         [--profiles native,emmc] [--split-io]
 
 Systems (SYSTEMS below): `vllm-full` stock vLLM; `kvswap` (the defaults: exact selection, and
 prefetch only where it pays, i.e. not on the CPU); `kvswap-noreuse` (every step reads its whole
-selection); `kvswap-prefetch` (step-start and layer-ahead prefetch forced on); `kvswap-noprefetch`
+selection); `kvswap-plain` (plain top-k: no hysteresis); `kvswap-prefetch` (step-start and layer-ahead prefetch forced on); `kvswap-noprefetch`
 (each layer selects from its own query when it runs, reads on the critical path); `kvswap-ahead` (attends to the layer-ahead prediction, as the paper
 does, instead of re-selecting with each layer's own query); `infinigen` (InfiniGen*-style: the
 paper's low-rank predictor over single tokens, no reuse); `dense-disk` (FlexGen-style: the whole
@@ -64,6 +64,8 @@ SYSTEMS: dict[str, dict] = {
     # The defaults (on the CPU: exact selection, no prefetch; see prefetch/policy.py).
     "kvswap": {"predictor": "kvswap"},
     "kvswap-noreuse": {"predictor": "kvswap", "reuse": False},
+    # Plain top-k selection: no hysteresis towards the groups attended at the previous step.
+    "kvswap-plain": {"predictor": "kvswap", "hysteresis": 0.0},
     "kvswap-prefetch": {"predictor": "kvswap", "prefetch": True},
     "kvswap-noprefetch": {"predictor": "kvswap", "prefetch": False},
     # Attends to the layer-ahead prediction, as the paper does (no exact re-selection).
@@ -166,7 +168,7 @@ def _run_child(spec: dict) -> tuple[dict, dict | None]:
 
 
 #: Systems of `--engine hf` (HF transformers, one prompt at a time): its own dense cache, or KVSwap.
-HF_SYSTEMS = ("hf-full", "kvswap", "kvswap-prefetch", "kvswap-noprefetch")
+HF_SYSTEMS = ("hf-full", "kvswap", "kvswap-plain", "kvswap-prefetch", "kvswap-noprefetch")
 
 
 def _child_hf(spec_path: Path, out_path: Path) -> None:
@@ -179,7 +181,8 @@ def _child_hf(spec_path: Path, out_path: Path) -> None:
     opts = spec["options"]
     kv = KVSwapOptions(predictor=None) if opts is None else KVSwapOptions(
         predictor=opts["predictor"], budget_tokens=spec["budget_tokens"], group_size=opts.get("group_size", 4),
-        kv_dir=Path(spec["kv_dir"]), storage_profile=opts.get("storage_profile"), prefetch=opts.get("prefetch"))
+        kv_dir=Path(spec["kv_dir"]), storage_profile=opts.get("storage_profile"), prefetch=opts.get("prefetch"),
+        hysteresis=opts.get("hysteresis"))
     device = spec.get("device", "cpu")
     config = GenerationConfig(model=Path(spec["model"]), max_new_tokens=spec["max_new_tokens"],
                               max_model_len=spec["max_model_len"], device=device, kvswap=kv)

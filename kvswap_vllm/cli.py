@@ -104,7 +104,8 @@ def _kvswap_options(args: argparse.Namespace):
     return KVSwapOptions(predictor=predictor, budget_tokens=args.budget_tokens, group_size=args.group_size,
                          hot_tier_mb=args.budget_mb, kv_dir=args.kv_dir, storage_profile=args.storage_profile,
                          adapter=args.adapter, prefix_tier=args.vllm_connector == "kvswap",
-                         prefetch={"auto": None, "on": True, "off": False}[args.prefetch])
+                         prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
+                         hysteresis=args.hysteresis)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -363,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
                      help="layer-ahead and step-start prefetch (auto: on a GPU only; on this kind of CPU it costs "
                      "more than it hides)")
+    gen.add_argument("--hysteresis", type=float, default=None,
+                     help="groups attended at a layer's previous step rank this share of M/G places higher in "
+                     "its next selection: near-ties stay instead of costing a read (0 = plain top-k; default: "
+                     "the runtime's)")
     gen.add_argument("--vllm-connector", choices=["kvswap", "none"], default="kvswap",
                      help="vllm engine: kvswap = every full block saved to the disk tier and prefixes found "
                      "there loaded instead of recomputed, across restarts (default); none = stock vLLM")

@@ -77,6 +77,9 @@ class KVSwapOptions:
     # Layer-ahead and step-start prefetch; None = where it pays (on a GPU; see
     # kvswap_vllm/prefetch/policy.py).
     prefetch: bool | None = None
+    # Groups attended at the previous step rank this share of M/G places higher (fewer reads
+    # for near-ties); None = predict.base.SelectionConfig's default.
+    hysteresis: float | None = None
     # vLLM engine: keep every full block in the disk tier through the `kvswap` KV connector and
     # load a prefix found there instead of recomputing it (also after a restart).
     prefix_tier: bool = True

@@ -62,6 +62,8 @@ def test_prefetch_policy_by_device() -> None:
     ({"prefetch": "off"}, "prefetch must be true or false"),
     ({"throttle_reads": "yes"}, "throttle_reads must be true or false"),
     ({"reselect": None}, "reselect must be true or false"),
+    ({"hysteresis": 1.5}, "hysteresis must be a number in [0, 1)"),
+    ({"hysteresis": "0.2"}, "hysteresis must be a number in [0, 1)"),
 ])
 def test_bad_options_are_refused_with_the_key_named(extra: dict, message: str) -> None:
     with pytest.raises(KVSwapError, match="kvswap connector") as err:

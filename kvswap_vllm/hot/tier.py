@@ -57,10 +57,13 @@ class HotStats:
 class HotTier:
     """Slots for `slots_per_layer` groups of every layer of one sequence.
 
-    Slot storage: (num_layers, slots_per_layer, num_kv_heads, 2, group_size, head_dim), the
-    disk tier's group layout, on `device`: the model's device, so attention reads the slots
-    where it runs (a GPU's memory is then the hot tier). Reads land in a page-aligned host
-    staging buffer (O_DIRECT) and are copied to the slots from there.
+    Slot storage: (num_layers, 2, num_kv_heads, slots_per_layer, group_size, head_dim) on
+    `device`: the model's device, so attention reads the slots where it runs (a GPU's memory is
+    then the hot tier). K/V-major, so the K (and V) of any slots, in order, is one
+    index_select and a free view, with no transposing copy on every layer of every step. Reads
+    land in a page-aligned host staging buffer (O_DIRECT), in the disk tier's group layout
+    (groups, num_kv_heads, 2, group_size, head_dim), and are rearranged once as they are copied
+    to the slots.
     """
 
     def __init__(self, store: DiskStore, sequence: str, slots_per_layer: int,
@@ -73,7 +76,8 @@ class HotTier:
         # read(layer, group ids, out): the sequence's groups (a sequence may start with groups
         # of stored prefixes); by default straight from `sequence` in the store.
         self._read = read or (lambda layer, ids, out: store.read_groups(sequence, layer, ids, out=out))
-        shape = (cfg.num_layers, slots_per_layer, *cfg.group_shape)
+        heads, _, group, dim = cfg.group_shape
+        shape = (cfg.num_layers, 2, heads, slots_per_layer, group, dim)
         self.slots = aligned_tensor(shape, cfg.torch_dtype) if self.device.type == "cpu" else \
             torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
         self._slot_of: list[dict[int, int]] = [{} for _ in range(cfg.num_layers)]
@@ -109,8 +113,8 @@ class HotTier:
             unavailable = [misses[i] for i, f in enumerate(res.found) if not f]
             target = free[: len(ok)]
             if ok:
-                rows = self._stage[torch.tensor(ok)].to(self.device)
-                self.slots[layer].index_copy_(0, torch.tensor(target, device=self.device), rows)
+                rows = self._stage[torch.tensor(ok)].to(self.device).permute(2, 1, 0, 3, 4)  # (2, H, n, G, D)
+                self.slots[layer].index_copy_(2, torch.tensor(target, device=self.device), rows)
             for i, slot in zip(ok, target):
                 table[misses[i]] = slot
             read = [misses[i] for i in ok]
@@ -124,8 +128,6 @@ class HotTier:
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots, in order: each (num_kv_heads, len(slots) * group_size, head_dim)."""
-        g = self.slots[layer].index_select(0, slots.to(self.device))  # (n, H, 2, G, D)
-        n, h, _, gs, d = g.shape
-        k = g[:, :, 0].permute(1, 0, 2, 3).reshape(h, n * gs, d)
-        v = g[:, :, 1].permute(1, 0, 2, 3).reshape(h, n * gs, d)
-        return k, v
+        g = self.slots[layer].index_select(2, slots.to(self.device))  # (2, H, n, G, D), contiguous
+        _, h, n, gs, d = g.shape
+        return g[0].view(h, n * gs, d), g[1].view(h, n * gs, d)

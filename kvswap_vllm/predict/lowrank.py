@@ -16,9 +16,24 @@ stored in float16.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from kvswap_vllm.predict.base import Predictor
+
+
+# Per thread, a float32 buffer the stored float16 keys are converted into for scoring: a fresh
+# tensor per selection (1.8 MB at 7k tokens) costs more in page faults than the conversion
+# itself (measured: 0.65 ms vs 0.03 ms into a reused buffer).
+_SCRATCH = threading.local()
+
+
+def _float32_scratch(rows: int, cols: int) -> torch.Tensor:
+    buf = getattr(_SCRATCH, "keys", None)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+        buf = _SCRATCH.keys = torch.empty(max(rows, int(1.5 * (0 if buf is None else buf.shape[0]))), cols)
+    return buf[:rows]
 
 
 class _LowRank(Predictor):
@@ -36,7 +51,10 @@ class _LowRank(Predictor):
         return lr
 
     def _keys(self, layer: int) -> torch.Tensor:
-        return self._rows(layer).float()
+        """The layer's low-rank keys in float32, in this thread's scratch buffer: valid until the
+        thread's next call."""
+        rows = self._rows(layer)
+        return _float32_scratch(*rows.shape).copy_(rows)
 
     def metadata_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self._lr for t in ts)

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.paths import kv_dir
-from kvswap_vllm.predict.base import PREDICTORS
+from kvswap_vllm.predict.base import PREDICTORS, SelectionConfig
 from kvswap_vllm.prefetch.policy import default_prefetch
 from kvswap_vllm.store.profiles import get_profile
 
@@ -57,6 +57,9 @@ class ConnectorConfig:
     # missed (exact selection; the prediction is a prefetch). false: attend to the prediction,
     # as the paper does (fewer reads on the critical path, lower quality).
     reselect: bool = True
+    # Groups attended at a layer's previous step rank this share of budget_tokens / group_size
+    # places higher in its next selection (fewer reads for near-ties; see SelectionConfig).
+    hysteresis: float = SelectionConfig.hysteresis
     # Benchmarks: KVSwap decoding's reads wait as long as `storage_profile`'s device would take
     # (its bandwidth and per-request latency), so a fast disk stands in for an eMMC or SD card.
     throttle_reads: bool = False
@@ -68,6 +71,10 @@ class ConnectorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise KVSwapError(f"kvswap connector: {name} must be a positive integer, got {value!r}")
+        try:
+            SelectionConfig(group_size=1, budget_tokens=1, hysteresis=self.hysteresis)
+        except KVSwapError as exc:
+            raise KVSwapError(f"kvswap connector: {exc}") from exc
         if self.hot_tier_mb is not None and (not _is_number(self.hot_tier_mb) or self.hot_tier_mb <= 0):
             raise KVSwapError(f"kvswap connector: hot_tier_mb must be a positive number, got {self.hot_tier_mb!r}")
         if self.predictor == "none":
