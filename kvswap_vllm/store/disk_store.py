@@ -489,14 +489,17 @@ class DiskStore:
         run_start = gid[np.r_[0, np.flatnonzero(np.diff(run_id)) + 1]][run_id]
         piece = (gid - run_start) // chunk
         breaks = np.flatnonzero((np.diff(run_id) != 0) | (np.diff(piece) != 0)) + 1
-        extents = []
-        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(gid)]):
-            sg = segs[int(seg[lo])]
-            first = int(gid[lo]) - sg.info.first_group
-            count, pos = int(gid[hi - 1] - gid[lo]) + 1, order[lo:hi]
-            in_order = len(pos) == count and pos[-1] - pos[0] == count - 1 and bool(np.all(np.diff(pos) == 1))
-            extents.append(_Extent(sg, first, count, pos.tolist(), int(pos[0]) if in_order else -1))
-        return extents
+        los, his = np.r_[0, breaks], np.r_[breaks, len(gid)]
+        counts = gid[his - 1] - gid[los] + 1
+        # An extent fills consecutive request positions when each of its rows was requested once,
+        # in order: its positions step by exactly 1 (vectorised: per-extent Python costs add up
+        # on reads of scattered groups, one extent each).
+        steps = np.r_[np.diff(order) == 1, False].astype(np.int64)
+        in_order = (his - los == counts) & (np.add.reduceat(steps, los) - steps[his - 1] == his - los - 1)
+        positions = order.tolist()
+        return [_Extent(segs[s], g - segs[s].info.first_group, c, positions[lo:hi], positions[lo] if ok else -1)
+                for s, g, c, lo, hi, ok in zip(seg[los].tolist(), gid[los].tolist(), counts.tolist(), los.tolist(),
+                                               his.tolist(), in_order.tolist())]
 
     def _read_lane(self, sequence: str, layer: int, lane: list[_Extent], ids: list[int], out_rows: torch.Tensor,
                    found: np.ndarray) -> int:
