@@ -8,6 +8,7 @@ Disk bytes are the kernel's `read_bytes`/`write_bytes` (storage I/O; page-cache 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psutil
@@ -121,3 +122,18 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def helper_thread_pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A pool for KVSwap's helper threads (reads, writes, prefetch), whose tensor ops (copies
+    of a few groups) run on one core: every thread that runs a parallel op otherwise starts an
+    OpenMP team of its own, as wide as the machine, whose threads then wait (spinning at first)
+    on the cores the forward pass computes on. torch's thread count is per thread: the
+    forward pass keeps its own."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=_one_torch_thread)
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)

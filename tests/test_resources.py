@@ -4,7 +4,9 @@ import subprocess
 import sys
 import time
 
-from kvswap_vllm.resources import ResourceMeter
+import torch
+
+from kvswap_vllm.resources import ResourceMeter, helper_thread_pool
 
 CHILD = """
 import os, time
@@ -41,3 +43,11 @@ def test_meter_idle_process_counts_little(tmp_path) -> None:
     finally:
         child.wait()
     assert meter.usage is not None and meter.usage.disk_write_bytes < 2**20
+
+
+def test_helper_threads_run_torch_on_one_core_and_leave_the_callers_count() -> None:
+    before = torch.get_num_threads()
+    with helper_thread_pool(2, "test-helper") as pool:
+        counts = list(pool.map(lambda _: torch.get_num_threads(), range(4)))
+    assert counts == [1, 1, 1, 1]
+    assert torch.get_num_threads() == before

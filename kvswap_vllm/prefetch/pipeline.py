@@ -17,12 +17,13 @@ they overlap. A group read counts as useful when the selection the layer attends
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from kvswap_vllm.hot.tier import HotTier, LoadResult
+from kvswap_vllm.resources import helper_thread_pool
 
 SOURCES = ("step", "ahead", "own", "exact")
 
@@ -79,7 +80,7 @@ class LayerPrefetcher:
         self.hot = hot
         n = hot.store.config.num_layers
         self.stats = PrefetchStats(load_s=[0.0] * n, wait_s=[0.0] * n)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvswap-prefetch")
+        self._pool = helper_thread_pool(1, "kvswap-prefetch")
         self._pending: dict[int, Future[LoadResult]] = {}
         self._pending_groups: dict[int, torch.Tensor] = {}
         # Per layer, since its last wait: (source, groups read) of each finished load.

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from kvswap_vllm.resources import helper_thread_pool
 from kvswap_vllm.store import fileio
 from kvswap_vllm.store.config import StoreConfig
 from kvswap_vllm.store.crypto import OVERHEAD, GroupCipher
@@ -122,10 +123,10 @@ class DiskStore:
         fileio.ensure_private_dir(config.namespace, config.root)
         self._direct = self._choose_direct_io()
         self.stats.direct_io = self._direct
-        self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvswap-io")
+        self._pool = helper_thread_pool(config.io_threads, "kvswap-io")
         # One writer thread keeps files in submission order; two buffers let the next file be
         # serialised while the previous one is written.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvswap-writer")
+        self._writer = helper_thread_pool(1, "kvswap-writer")
         self._in_flight = threading.BoundedSemaphore(2)
         self._pending: list[tuple[str, int, int, int]] = []
         self._reads_in_flight, self._busy_since = 0, 0.0

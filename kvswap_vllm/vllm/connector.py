@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvswap_vllm.errors import KVSwapError
+from kvswap_vllm.resources import helper_thread_pool
 from kvswap_vllm.store import DiskStore, stored_block_hashes
 from kvswap_vllm.vllm.blocks import KVLayout, chain_hashes, namespace_seed
 from kvswap_vllm.vllm.connector_config import ConnectorConfig
@@ -339,8 +340,8 @@ class _WorkerSide:
         self._stats = KVSwapStats()
         self._lock = threading.Lock()
         self._pending_bytes = 0
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvswap-load")
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvswap-save")
+        self._loader = helper_thread_pool(1, "kvswap-load")
+        self._saver = helper_thread_pool(1, "kvswap-save")
         self._report_lookups = True
         self._step_loads = 0
         self._first_layer = 0
