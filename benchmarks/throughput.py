@@ -129,10 +129,12 @@ def _child(spec_path: Path, out_path: Path) -> None:
     }))
 
 
-def system_options(system: str, profile: str, model: Path, budget_tokens: int) -> dict | None:
+def system_options(system: str, profile: str, model: Path, budget_tokens: int,
+                   group_size: int | None = None) -> dict | None:
     """Connector options of `system` under a storage profile (None: stock vLLM). `native` reads
     this machine's disk as it is; a profile name throttles the reads to that device and, for
-    systems that do not fix G, takes the profile's group size."""
+    systems that do not fix G, takes the profile's group size. `group_size`: G of the systems
+    that do not fix it, whatever the profile."""
     if system == "vllm-full":
         return None
     options = dict(SYSTEMS[system])
@@ -140,6 +142,8 @@ def system_options(system: str, profile: str, model: Path, budget_tokens: int) -
         layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         g = get_profile(profile).group_size(kv_bytes_per_token(model) // layers, budget_tokens)
         options = {"group_size": g, **options, "storage_profile": profile, "throttle_reads": True}
+    if group_size is not None and "group_size" not in SYSTEMS[system]:
+        options["group_size"] = group_size
     return options
 
 
@@ -287,13 +291,14 @@ def model_gguf(model: Path) -> Path:
 
 def run_row(model: Path, system: str, context: int, batch: int, max_new_tokens: int, budget_tokens: int,
             kv_dir: Path, profile: str = NATIVE, split_io: bool = False, engine: str = "vllm",
-            device: str = "cpu", gguf: Path | None = None) -> dict:
+            device: str = "cpu", gguf: Path | None = None, group_size: int | None = None) -> dict:
     docs = [build_document(num_entries=entries_for_tokens(context), depth=(i + 0.5) / batch, seed=100 + i)
             for i in range(batch)]
     prompts = [chat_prompt_ids(model, d.prompt()) for d in docs]
     longest = max(len(p) for p in prompts) + max_new_tokens
     need = batch * (longest + 128) * kv_bytes_per_token(model)
-    options = None if system in ("hf-full", LLAMACPP) else system_options(system, profile, model, budget_tokens)
+    options = None if system in ("hf-full", LLAMACPP) else system_options(system, profile, model, budget_tokens,
+                                                                          group_size)
     engine = LLAMACPP if system == LLAMACPP else engine
     spec = {"model": str(model), "system": system, "engine": engine, "gguf": str(gguf or ""), "options": options, "prompts": prompts, "batch": batch,
             "kv_dir": str(kv_dir), "device": device, "max_new_tokens": max_new_tokens, "budget_tokens": budget_tokens,
@@ -378,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", default=NATIVE,
                    help=f"comma-separated storage profiles: {NATIVE} (this disk as it is), or {', '.join(PROFILES)} "
                         "(reads throttled to that device; G from the profile)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="G of the KVSwap systems that do not fix it (default: 4 on the native disk, else the "
+                        "profile's)")
     p.add_argument("--split-io", action="store_true",
                    help="also run each disk system with its disk tier in RAM (compute_only_s; one more engine per row)")
     p.add_argument("--device", default="cpu",
@@ -409,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--budget-tokens takes comma-separated token counts, got {args.budget_tokens!r}")
     if min(budgets) < 1:
         p.error(f"--budget-tokens must be positive, got {args.budget_tokens!r}")
+    if args.group_size is not None and not 1 <= args.group_size <= min(budgets):
+        p.error(f"--group-size must be between 1 and the smallest budget ({min(budgets)}), got {args.group_size}")
     cases = plan_cases([int(x) for x in args.context.split(",")], [int(x) for x in args.batch.split(",")],
                        profiles, systems, budgets)
     rows = []
@@ -418,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                   + ("" if system in STOCK else f" M {budget}") + " ...", file=sys.stderr, flush=True)
             row = run_row(model, system, context, batch, args.max_new_tokens, budget, Path(kv),
                           profile, args.split_io and args.engine == "vllm", args.engine, args.device,
-                          args.gguf or (model_gguf(model) if system == LLAMACPP else None))
+                          args.gguf or (model_gguf(model) if system == LLAMACPP else None), args.group_size)
             print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
             rows.append(row)
     result = {"benchmark": "throughput", "engine": args.engine, "device": args.device, "model": str(model),

@@ -38,6 +38,12 @@ def test_every_system_is_a_valid_connector_configuration(system: str, profile: s
     assert not ram.throttle_reads and ram.direct_io == "off" and ram.group_size == cfg.group_size
 
 
+@pytest.mark.parametrize("profile", [throughput.NATIVE, "emmc"])
+def test_group_size_option_sets_g_of_the_systems_that_do_not_fix_it(profile: str, model_dir: Path) -> None:
+    assert throughput.system_options("kvswap", profile, model_dir, 400, group_size=8)["group_size"] == 8
+    assert throughput.system_options("infinigen", profile, model_dir, 400, group_size=8)["group_size"] == 1
+
+
 def test_stock_vllm_has_no_connector_options(model_dir: Path) -> None:
     assert throughput.system_options("vllm-full", "emmc", model_dir, 400) is None
 
@@ -157,3 +163,10 @@ def test_llamacpp_row_on_the_default_models_gguf(tmp_path: Path, default_model: 
     n_ctx = max(600, row["context"])  # n_ctx >= the longest prompt + new tokens
     assert row["kv_memory_mb"] * 2**20 >= n_ctx * 30 * 3 * 64 * 2 * 2
     assert row["weights_mb"] < 200  # the quantised GGUF, not the fp32 checkpoint
+
+
+@pytest.mark.parametrize("value", ["0", "500"])
+def test_bad_group_size_is_refused(capsys, value: str) -> None:
+    with pytest.raises(SystemExit):
+        throughput.main(["--group-size", value, "--budget-tokens", "400"])
+    assert "--group-size must be between 1 and the smallest budget" in capsys.readouterr().err
