@@ -30,7 +30,7 @@ class SelectionConfig:
     # (hysteresis x M/G places) higher than they score: a group whose score only jitters around
     # the cut stays instead of being swapped for a near-tie, which would cost a read for no
     # attention mass. New groups ranked within the top (1 - hysteresis) x M/G still always make
-    # it. 0 = plain top-k. Measured on SmolLM2 at M = 400 (README, quality): 0.25 reads ~26%
+    # it. 0 = plain top-k. Measured on SmolLM2 at M = 400 (README, quality): 0.25 reads ~27%
     # fewer groups per step than 0 with the same pass keys and top-1 agreement (perplexity
     # +2.04% vs +1.98% over dense).
     hysteresis: float = 0.25
