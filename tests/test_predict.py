@@ -67,7 +67,8 @@ def test_finds_the_group_the_query_points_at(predictor) -> None:
 def test_metadata_size(predictor) -> None:
     predictor.append_groups(0, keys(10))
     # bytes per token: low-rank keys, rank 16, float16; Quest's min/max keys, float32, per token of a group of 4
-    per_token = {"kvswap": 16 * 2, "kvswap-paper": 16 * 2, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0}
+    per_token = {"kvswap": 16 * 2, "kvswap-paper": 16 * 2, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0,
+                 "oracle": SHAPE.num_kv_heads * SHAPE.head_dim * 4}
     assert predictor.metadata_bytes() == pytest.approx(10 * 4 * per_token[predictor.name])
 
 
@@ -212,3 +213,18 @@ def test_hysteresis_reduces_churn_for_every_predictor(predictor) -> None:
 def test_bad_hysteresis_is_refused(bad) -> None:
     with pytest.raises(KVSwapError, match="hysteresis"):
         SelectionConfig(budget_tokens=32, group_size=4, hysteresis=bad)
+
+
+def test_kvswap_with_a_lossless_basis_scores_as_the_oracle() -> None:
+    """With a full-rank basis (A A^T = I) the low-rank keys lose nothing: kvswap's scores are the
+    oracle's (exact keys) up to the float16 the low-rank keys are kept in."""
+    full = SHAPE.num_kv_heads * SHAPE.head_dim
+    lowrank = create_predictor("kvswap", SHAPE, SEL, random_adapter(rank=full))
+    oracle = create_predictor("oracle", SHAPE, SEL)
+    k = keys(40) * 10
+    lowrank.append_groups(0, k)
+    oracle.append_groups(0, k)
+    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim, generator=torch.Generator().manual_seed(4))
+    exact = oracle.score(0, q)
+    assert exact.shape == (40,) and exact.sum() == pytest.approx(SHAPE.num_q_heads, rel=1e-4)
+    assert torch.allclose(lowrank.score(0, q), exact, rtol=1e-2, atol=1e-3)

@@ -183,6 +183,8 @@ PREDICTORS: dict[str, str] = {
     "quest": "kvswap_vllm.predict.quest:Quest",
     "window": "kvswap_vllm.predict.window:SinkWindow",
     "dense": "kvswap_vllm.predict.dense:Dense",
+    # kvswap's scoring with the exact keys (metadata = the whole K): the ceiling, for benchmarks.
+    "oracle": "kvswap_vllm.predict.oracle:ExactKeys",
 }
 
 

@@ -1,0 +1,41 @@
+"""Oracle: `kvswap`'s scoring with the exact keys instead of their low-rank projection.
+
+Its metadata is the whole K of every full group (float32), so it saves no memory and is not
+meant for serving: it measures the ceiling of this selection rule. Per query head the exact
+attention distribution over the full groups, a group's score its mass summed over heads; the
+gap between `oracle` and `kvswap` at the same budget is what the low-rank keys cost, and the gap
+between `oracle` and `dense` what head-shared, group-granular selection at that budget costs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvswap_vllm.predict.base import Predictor
+
+
+class ExactKeys(Predictor):
+    name = "oracle"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Per layer: (tokens, num_kv_heads, head_dim) float32 chunks, joined when scored.
+        self._keys: list[list[torch.Tensor]] = [[] for _ in range(self.shape.num_layers)]
+
+    def group_metadata(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        return keys.float().contiguous()  # (groups, G, H, d)
+
+    def _store(self, layer: int, rows: torch.Tensor) -> None:
+        self._keys[layer].append(rows.reshape(-1, self.shape.num_kv_heads, self.shape.head_dim))
+
+    def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        keys = torch.cat(self._keys[layer]) if len(self._keys[layer]) > 1 else self._keys[layer][0]
+        self._keys[layer] = [keys]
+        s, g = self.shape, self.selection.group_size
+        q = query.float().view(s.num_kv_heads, s.gqa, s.head_dim)
+        logits = torch.bmm(q, keys.permute(1, 2, 0)) * s.head_dim**-0.5  # (H, gqa, tokens)
+        mass = torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+        return mass.view(-1, g).sum(dim=1)
+
+    def metadata_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._keys for t in ts)
