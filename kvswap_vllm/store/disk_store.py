@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -82,6 +83,19 @@ class ReadResult:
     @property
     def missing(self) -> list[int]:
         return [i for i, ok in enumerate(self.found) if not ok]
+
+
+class _Target:
+    """Where one read_groups call puts its rows: `rows` (len(ids), row bytes) uint8 over the
+    caller's tensor, the same bytes as a flat memoryview, their address, and `found` per id."""
+
+    __slots__ = ("ids", "rows", "bytes", "address", "found")
+
+    def __init__(self, ids: list[int], out: torch.Tensor, found: np.ndarray) -> None:
+        self.ids, self.found = ids, found
+        self.rows = out.view(len(ids), -1).view(torch.uint8)
+        self.bytes = memoryview(self.rows.numpy()).cast("B")
+        self.address = self.rows.data_ptr()
 
 
 @dataclass
@@ -433,19 +447,18 @@ class DiskStore:
             if self._reads_in_flight == 0:
                 self._busy_since = t0
             self._reads_in_flight += 1
-        out_rows = out.view(len(ids), -1).view(torch.uint8)  # (len(ids), group_bytes)
-        # One task per I/O thread, each reading its share of extents in turn: as many reads in
-        # flight as threads, without paying a future per extent.
+        dst = _Target(ids, out, found)
+        # One lane per I/O thread, each reading its share of extents in turn: as many reads in
+        # flight as threads, without paying a future per extent. The calling thread reads the
+        # first lane itself (one hand-off fewer; all of them when there is one lane).
         lanes = [extents[i::self.config.io_threads] for i in range(min(self.config.io_threads, len(extents)))]
         nbytes = 0
+        futures = [self._pool.submit(self._read_lane, sequence, layer, lane, dst) for lane in lanes[1:]]
         try:
-            if len(lanes) == 1:  # one lane is read by the calling thread: no hand-off
-                nbytes = self._read_lane(sequence, layer, lanes[0], ids, out_rows, found)
-            else:
-                futures = [self._pool.submit(self._read_lane, sequence, layer, lane, ids, out_rows, found)
-                           for lane in lanes]
-                nbytes = sum(fut.result() for fut in futures)
+            if lanes:
+                nbytes = self._read_lane(sequence, layer, lanes[0], dst)
         finally:
+            futures_wait(futures)  # every lane is done before its extents are unpinned
             with self._lock:
                 for ext in extents:
                     ext.seg.pins -= 1
@@ -453,6 +466,7 @@ class DiskStore:
                 self._reads_in_flight -= 1
                 if self._reads_in_flight == 0:
                     self.stats.read_busy_s += now - self._busy_since
+        nbytes += sum(fut.result() for fut in futures)
         with self._lock:
             s = self.stats
             s.read_requests += 1
@@ -502,41 +516,37 @@ class DiskStore:
                 for s, g, c, lo, hi, ok in zip(seg[los].tolist(), gid[los].tolist(), counts.tolist(), los.tolist(),
                                                his.tolist(), in_order.tolist())]
 
-    def _read_lane(self, sequence: str, layer: int, lane: list[_Extent], ids: list[int], out_rows: torch.Tensor,
-                   found: np.ndarray) -> int:
+    def _read_lane(self, sequence: str, layer: int, lane: list[_Extent], dst: "_Target") -> int:
         # Inference mode is per thread: without it, filling a tensor the caller made under
         # torch.inference_mode() would be refused.
         with torch.inference_mode():
-            return sum(self._read_extent(sequence, layer, ext, ids, out_rows, found) for ext in lane)
+            return sum(self._read_extent(sequence, layer, ext, dst) for ext in lane)
 
-    def _read_extent(self, sequence: str, layer: int, ext: _Extent, ids: list[int], out_rows: torch.Tensor,
-                     found: np.ndarray) -> int:
+    def _read_extent(self, sequence: str, layer: int, ext: _Extent, dst: "_Target") -> int:
         info, rb = ext.seg.info, self._row_bytes
         offset, length = info.data_offset + ext.first_row * rb, ext.count * rb
+        # Rows of requested groups in order land at dst.bytes[start:start + length].
+        contiguous, start = ext.out_start >= 0 and self._cipher is None, ext.out_start * rb
         try:
             f = self._file(ext.seg)
             if self._throttle is not None:
                 self._throttle.wait(length)
-            if ext.out_start >= 0 and self._cipher is None:
-                dest = out_rows[ext.out_start:ext.out_start + ext.count]
-                if f.can_read_into(offset, length, dest.data_ptr()):
-                    return self._read_in_place(f, info, ext, offset, dest, found)
+            if contiguous and f.can_read_into(offset, length, dst.address + start):
+                return self._read_in_place(f, info, ext, offset, dst.bytes[start:start + length], dst.found)
             view, nread = f.read_extent(offset, length)
         except (OSError, FormatError) as exc:
             log.warning("kvswap store: read of %s failed (%s); treating its groups as missing", info.path, exc)
             return 0
         self._touch(ext.seg)
         expected = info.crc32c[ext.first_row:ext.first_row + ext.count]
-        if ext.out_start >= 0 and self._cipher is None:
-            crc = [checksum(view[r * rb:(r + 1) * rb]) for r in range(ext.count)]
-            if crc == expected.tolist():
-                # The common case: a run of requested groups, all intact, landing in consecutive rows.
-                rows = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
-                out_rows[ext.out_start:ext.out_start + ext.count].copy_(rows)
-                found[ext.out_start:ext.out_start + ext.count] = True
-                return nread
+        if contiguous and [checksum(view[r * rb:(r + 1) * rb]) for r in range(ext.count)] == expected.tolist():
+            # The common case: a run of requested groups, all intact, landing in consecutive rows
+            # (a memoryview copy: per extent, torch's per-call overhead cost more than the bytes).
+            dst.bytes[start:start + length] = view
+            dst.found[ext.out_start:ext.out_start + ext.count] = True
+            return nread
         pos = np.asarray(ext.out_pos)
-        rel = np.asarray([ids[p] for p in ext.out_pos]) - info.first_group - ext.first_row
+        rel = np.asarray([dst.ids[p] for p in ext.out_pos]) - info.first_group - ext.first_row
         # Only requested rows are verified: a run may read through rows nobody asked for.
         ok = np.zeros(ext.count, dtype=bool)
         for r in np.unique(rel).tolist():
@@ -544,20 +554,20 @@ class DiskStore:
             if not ok[r]:
                 self._count_checksum_failure(info, info.first_group + ext.first_row + r)
         if self._cipher is not None:
-            return self._open_sealed(sequence, layer, info, ext, view, ok, pos, rel, out_rows, found, nread)
+            return self._open_sealed(sequence, layer, info, ext, view, ok, pos, rel, dst, nread)
         good = ok[rel]
         src = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
-        out_rows[torch.from_numpy(pos[good])] = src[torch.from_numpy(rel[good])]
-        found[pos[good]] = True
+        dst.rows[torch.from_numpy(pos[good])] = src[torch.from_numpy(rel[good])]
+        dst.found[pos[good]] = True
         return nread
 
     def _read_in_place(self, f: fileio.ReadFile, info: SegmentInfo, ext: _Extent, offset: int,
-                       dest: torch.Tensor, found: np.ndarray) -> int:
+                       dest: memoryview, found: np.ndarray) -> int:
         """Zero-copy: the extent lands directly in the caller's rows, then is verified there."""
-        nread = f.read_into(offset, memoryview(dest.numpy()).cast("B"))
+        nread = f.read_into(offset, dest)
         self._touch(ext.seg)
-        rows = dest.numpy()
-        ok = np.fromiter((checksum(rows[r]) for r in range(ext.count)), np.uint32, ext.count) \
+        rb = self._row_bytes
+        ok = np.fromiter((checksum(dest[r * rb:(r + 1) * rb]) for r in range(ext.count)), np.uint32, ext.count) \
             == info.crc32c[ext.first_row:ext.first_row + ext.count]
         found[ext.out_start:ext.out_start + ext.count] = ok
         for r in np.flatnonzero(~ok):
@@ -565,8 +575,7 @@ class DiskStore:
         return nread
 
     def _open_sealed(self, sequence: str, layer: int, info: SegmentInfo, ext: _Extent, view: memoryview,
-                     ok: np.ndarray, pos: np.ndarray, rel: np.ndarray, out_rows: torch.Tensor,
-                     found: np.ndarray, nread: int) -> int:
+                     ok: np.ndarray, pos: np.ndarray, rel: np.ndarray, dst: "_Target", nread: int) -> int:
         rb, gb = self._row_bytes, self.config.group_bytes
         for p, r in zip(pos.tolist(), rel.tolist()):
             if not ok[r]:
@@ -576,8 +585,8 @@ class DiskStore:
             if plain is None:
                 self._count_checksum_failure(info, gid)
                 continue
-            out_rows[p, :gb].copy_(torch.frombuffer(bytearray(plain), dtype=torch.uint8))
-            found[p] = True
+            dst.rows[p, :gb].copy_(torch.frombuffer(bytearray(plain), dtype=torch.uint8))
+            dst.found[p] = True
         return nread
 
     def _count_checksum_failure(self, info: SegmentInfo, gid: int) -> None:
