@@ -377,7 +377,7 @@ def test_hot_tier_memory_budget_decides_m() -> None:
 
 
 def test_decode_reads_use_at_most_half_the_cores() -> None:
-    from kvswap_vllm.vllm.identity import decode_io_threads
+    from kvswap_vllm.prefetch.policy import decode_io_threads
 
     assert decode_io_threads(16, cpus=2) == 1  # this machine: reads never crowd out the forward pass
     assert decode_io_threads(16, cpus=8) == 4  # e.g. a Jetson Orin

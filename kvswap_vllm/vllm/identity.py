@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.models.fingerprint import model_fingerprint
+from kvswap_vllm.prefetch.policy import decode_io_threads
 from kvswap_vllm.store.config import DTYPES, StoreConfig
 from kvswap_vllm.store.profiles import get_profile
 from kvswap_vllm.vllm.connector_config import ConnectorConfig
@@ -76,14 +76,6 @@ class EngineIdentity:
 
     def all_ranks(self) -> list[tuple[int, int]]:
         return [(tp, pp) for pp in range(self.pp_size) for tp in range(self.tp_size)]
-
-
-def decode_io_threads(profile_threads: int, cpus: int | None = None) -> int:
-    """Read threads of the decode path: the device's queue depth, but at most half the cores.
-    Decode reads are small (a layer's missing groups) and each read thread runs Python between
-    syscalls, taking the GIL and a core from the forward pass: on 2 cores, 4 requests of 2k
-    tokens, one read thread instead of 16 made decode steps 1.9x faster (0.89 -> 0.48 s)."""
-    return max(1, min(profile_threads, (cpus or os.cpu_count() or 2) // 2))
 
 
 def fingerprint_of(model: str, revision: str | None, hf_config: object) -> str:
