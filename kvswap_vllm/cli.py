@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from kvswap_vllm import __version__
 from kvswap_vllm.errors import KVSwapError
+from kvswap_vllm.predict import PREDICTORS
 
 if TYPE_CHECKING:
     from kvswap_vllm.demo_document import DemoDocument
@@ -349,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="without --prompt-file: that many built-in documents of different lengths (default: 1)")
     gen.add_argument("--predictor", default=None,
-                     choices=["kvswap", "kvswap-paper", "quest", "window", "dense", "none"],
+                     choices=[*PREDICTORS, "none"],
                      help="how decode selects groups (default: kvswap on hf; none on vllm); "
                      "none = the engine's own in-memory KV cache")
     gen.add_argument("--budget-tokens", type=_positive_int, default=400,

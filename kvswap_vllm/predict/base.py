@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from kvswap_vllm.errors import KVSwapError
+from kvswap_vllm.predict import PREDICTORS
 
 
 @dataclass(frozen=True)
@@ -174,18 +175,6 @@ def top_groups(scores: torch.Tensor, k: int, previous: list[torch.Tensor | None]
         if prev is not None and len(prev):
             rank[row, prev] -= places + 0.5
     return torch.topk(rank, k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
-
-
-#: Predictor name -> "module:Class", imported lazily.
-PREDICTORS: dict[str, str] = {
-    "kvswap": "kvswap_vllm.predict.lowrank:HeadwiseLowRank",
-    "kvswap-paper": "kvswap_vllm.predict.lowrank:JointLowRank",
-    "quest": "kvswap_vllm.predict.quest:Quest",
-    "window": "kvswap_vllm.predict.window:SinkWindow",
-    "dense": "kvswap_vllm.predict.dense:Dense",
-    # kvswap's scoring with the exact keys (metadata = the whole K): the ceiling, for benchmarks.
-    "oracle": "kvswap_vllm.predict.oracle:ExactKeys",
-}
 
 
 def predictor_class(name: str) -> type[Predictor]:
