@@ -51,6 +51,13 @@ def test_vllm_greedy_equals_hf(vllm_gen: Generator, hf_gen: Generator, default_m
     assert "Paris" in v[0].text
 
 
+def test_hf_store_reads_with_the_decode_policy_threads(hf_gen: Generator) -> None:
+    from kvswap_vllm.prefetch.policy import decode_io_threads
+    from kvswap_vllm.store import StoreConfig
+
+    assert hf_gen._store.config.io_threads == decode_io_threads(StoreConfig.io_threads)
+
+
 def test_hf_rejects_too_long_prompt(hf_gen: Generator) -> None:
     with pytest.raises(ValueError, match="max_model_len"):
         hf_gen.generate([[1] * 8190])

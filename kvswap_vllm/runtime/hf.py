@@ -43,7 +43,7 @@ class HFGenerator(Generator):
         from kvswap_vllm.paths import kv_dir
         from kvswap_vllm.predict.adapter import adapter_for
         from kvswap_vllm.predict.base import SelectionConfig
-        from kvswap_vllm.prefetch.policy import default_prefetch
+        from kvswap_vllm.prefetch.policy import decode_io_threads, default_prefetch
         from kvswap_vllm.runtime.hf_disk import DiskRuntimeConfig, KVSwapDisk
         from kvswap_vllm.runtime.hf_kvswap import model_shape
         from kvswap_vllm.store import DiskStore, StoreConfig
@@ -54,10 +54,11 @@ class HFGenerator(Generator):
         adapter = adapter_for(opts.predictor, fp, shape.head_dim, opts.adapter)
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self._model.dtype]
         profile = get_profile(opts.storage_profile) if opts.storage_profile else None
+        settings = profile.store_settings() if profile else {}
+        settings["io_threads"] = decode_io_threads(settings.get("io_threads", StoreConfig.io_threads))
         store = DiskStore(StoreConfig(root=opts.kv_dir or kv_dir(), model_fingerprint=fp, num_layers=shape.num_layers,
                                       num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-                                      group_size=opts.group_size, dtype=dtype,
-                                      **(profile.store_settings() if profile else {})),
+                                      group_size=opts.group_size, dtype=dtype, **settings),
                           throttle=profile.throttle() if profile else None)
         budget = opts.budget_tokens
         if opts.hot_tier_mb is not None:
