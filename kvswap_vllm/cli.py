@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: `kvswap bench` names -> modules of benchmarks/.
 BENCHMARKS = {"throughput": "throughput", "quality": "quality", "vllm-quality": "vllm_quality",
-              "serve-memory": "serve_memory", "prefix-restart": "prefix_restart", "store": "store_bench"}
+              "serve-memory": "serve_memory", "prefix-restart": "prefix_restart", "store": "store_bench",
+              "decode-reads": "decode_reads"}
 
 
 def bench_command(args: list[str], checkout: Path) -> list[str]:

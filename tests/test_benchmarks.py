@@ -170,3 +170,23 @@ def test_bad_group_size_is_refused(capsys, value: str) -> None:
     with pytest.raises(SystemExit):
         throughput.main(["--group-size", value, "--budget-tokens", "400"])
     assert "--group-size must be between 1 and the smallest budget" in capsys.readouterr().err
+
+
+def test_decode_reads_measures_every_thread_count_on_real_files(tmp_path: Path) -> None:
+    from benchmarks import decode_reads
+
+    out = tmp_path / "reads.json"
+    assert decode_reads.main(["--out", str(out), "--threads", "1,3", "--loads", "5", "--context", "800",
+                              "--dir", str(tmp_path)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["threads"] for r in rows] == [1, 3]
+    assert all(r["groups_per_load"] == 16 and r["wall_ms_per_load"] > 0 and r["cpu_us_per_group"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("flags", [["--threads", "0"], ["--groups", "999"], ["--loads", "0"]])
+def test_decode_reads_refuses_bad_settings(tmp_path: Path, capsys, flags: list[str]) -> None:
+    from benchmarks import decode_reads
+
+    with pytest.raises(SystemExit):
+        decode_reads.main(["--out", str(tmp_path / "x.json"), "--context", "800", *flags])
+    assert "need threads >= 1" in capsys.readouterr().err

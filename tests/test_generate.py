@@ -51,11 +51,14 @@ def test_vllm_greedy_equals_hf(vllm_gen: Generator, hf_gen: Generator, default_m
     assert "Paris" in v[0].text
 
 
-def test_hf_store_reads_with_the_decode_policy_threads(hf_gen: Generator) -> None:
+def test_hf_store_reads_with_the_decode_policy_threads(default_model: Path, tmp_path: Path) -> None:
     from kvswap_vllm.prefetch.policy import decode_io_threads
     from kvswap_vllm.store import StoreConfig
 
-    assert hf_gen._store.config.io_threads == decode_io_threads(StoreConfig.io_threads)
+    options = KVSwapOptions(predictor="kvswap", kv_dir=tmp_path)
+    with create_generator("hf", GenerationConfig(model=default_model, max_new_tokens=2, kvswap=options)) as gen:
+        assert gen._store.config.io_threads == decode_io_threads(StoreConfig.io_threads)
+        assert gen.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9]])[0].new_tokens == 2
 
 
 def test_hf_rejects_too_long_prompt(hf_gen: Generator) -> None:
