@@ -14,4 +14,3 @@ PREDICTORS: dict[str, str] = {
     # kvswap's scoring with the exact keys (metadata = the whole K): the ceiling, for benchmarks.
     "oracle": "kvswap_vllm.predict.oracle:ExactKeys",
 }
-

@@ -177,6 +177,14 @@ def top_groups(scores: torch.Tensor, k: int, previous: list[torch.Tensor | None]
     return torch.topk(rank, k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
 
 
+def joined(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """A predictor's metadata chunks of one layer (appended group by group) as one tensor, kept
+    joined in place: each new chunk is concatenated once, at the next score, not at every one."""
+    if len(chunks) > 1:
+        chunks[:] = [torch.cat(chunks)]
+    return chunks[0]
+
+
 def predictor_class(name: str) -> type[Predictor]:
     if name not in PREDICTORS:
         raise KVSwapError(f"unknown predictor {name!r}; supported: {', '.join(PREDICTORS)}")

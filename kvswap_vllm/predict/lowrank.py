@@ -20,7 +20,7 @@ import threading
 
 import torch
 
-from kvswap_vllm.predict.base import Predictor
+from kvswap_vllm.predict.base import Predictor, joined
 
 
 # Per thread, a float32 buffer the stored float16 keys are converted into for scoring: a fresh
@@ -46,9 +46,7 @@ class _LowRank(Predictor):
     def _rows(self, layer: int) -> torch.Tensor:
         """(tokens, r) low-rank keys as kept: float16 (half the memory; scores only rank groups,
         which half precision does not change in practice). Scoring converts them to float32."""
-        lr = torch.cat(self._lr[layer]) if len(self._lr[layer]) > 1 else self._lr[layer][0]
-        self._lr[layer] = [lr]
-        return lr
+        return joined(self._lr[layer])
 
     def _keys(self, layer: int) -> torch.Tensor:
         """The layer's low-rank keys in float32, in this thread's scratch buffer: valid until the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kvswap_vllm.predict.base import Predictor
+from kvswap_vllm.predict.base import Predictor, joined
 
 
 class ExactKeys(Predictor):
@@ -29,8 +29,7 @@ class ExactKeys(Predictor):
         self._keys[layer].append(rows.reshape(-1, self.shape.num_kv_heads, self.shape.head_dim))
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        keys = torch.cat(self._keys[layer]) if len(self._keys[layer]) > 1 else self._keys[layer][0]
-        self._keys[layer] = [keys]
+        keys = joined(self._keys[layer])
         s, g = self.shape, self.selection.group_size
         q = query.float().view(s.num_kv_heads, s.gqa, s.head_dim)
         logits = torch.bmm(q, keys.permute(1, 2, 0)) * s.head_dim**-0.5  # (H, gqa, tokens)

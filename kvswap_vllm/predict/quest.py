@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvswap_vllm.predict.base import Predictor
+from kvswap_vllm.predict.base import Predictor, joined
 
 
 class Quest(Predictor):
@@ -25,8 +25,7 @@ class Quest(Predictor):
         self._max[layer].append(rows[:, 1])
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        lo, hi = torch.cat(self._min[layer]), torch.cat(self._max[layer])
-        self._min[layer], self._max[layer] = [lo], [hi]
+        lo, hi = joined(self._min[layer]), joined(self._max[layer])
         q = query.float().view(self.shape.num_kv_heads, self.shape.gqa, 1, -1)  # (H, gqa, 1, d)
         bound = torch.maximum(q * lo.transpose(0, 1).unsqueeze(1), q * hi.transpose(0, 1).unsqueeze(1)).sum(-1)
         return bound.amax(dim=(0, 1))  # (H, gqa, groups) -> (groups,)
