@@ -36,11 +36,12 @@ def groups(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, 2, 4, 64, generator=g)
 
 
-@pytest.fixture(params=["plain-direct", "plain-buffered", "aes-direct"])
+@pytest.fixture(params=["plain-direct", "plain-direct-threads", "plain-buffered", "aes-direct"])
 def cfg(request, tmp_path: Path) -> StoreConfig:
+    """Direct reads go through kernel AIO where the kernel has it, "-threads" through thread lanes."""
     kind = request.param
-    return make_cfg(tmp_path / "kv", direct_io="auto" if kind.endswith("direct") else "off",
-                    encryption_key=KEY if kind.startswith("aes") else None)
+    return make_cfg(tmp_path / "kv", direct_io="off" if kind.endswith("buffered") else "auto",
+                    encryption_key=KEY if kind.startswith("aes") else None, kernel_aio=not kind.endswith("threads"))
 
 
 def files(cfg: StoreConfig) -> list[Path]:
@@ -307,7 +308,7 @@ def test_encrypted_group_moved_elsewhere_fails(tmp_path: Path) -> None:
     [({"num_layers": 0}, "num_layers"), ({"dtype": "int8"}, "dtype"), ({"tenant": "../x"}, "tenant"),
      ({"model_fingerprint": "XYZ"}, "fingerprint"), ({"capacity_bytes": 10}, "capacity"),
      ({"direct_io": "maybe"}, "direct_io"), ({"encryption_key": b"short"}, "32 bytes"),
-     ({"read_gap_bytes": -1}, "read_gap_bytes")],
+     ({"read_gap_bytes": -1}, "read_gap_bytes"), ({"kernel_aio": "yes"}, "kernel_aio")],
 )
 def test_config_validation(tmp_path: Path, kw: dict, needle: str) -> None:
     with pytest.raises(StoreError, match=needle):
@@ -379,12 +380,14 @@ def test_read_busy_time_counts_concurrent_reads_once(tmp_path: Path) -> None:
     assert 0.2 <= after["read_busy_s"] - both["read_busy_s"] < 0.35  # a read alone counts whole
 
 
-def test_zero_copy_reads_land_in_aligned_rows_and_are_verified(tmp_path: Path, monkeypatch) -> None:
-    cfg = make_cfg(tmp_path / "kv", group_size=8)  # 3 x 2 x 8 x 64 x 4 B = 12 KiB: 4 KiB multiple
+@pytest.mark.parametrize("kernel_aio", [True, False])
+def test_zero_copy_reads_land_in_aligned_rows_and_are_verified(tmp_path: Path, monkeypatch, kernel_aio: bool) -> None:
+    # 3 x 2 x 8 x 64 x 4 B = 12 KiB: a 4 KiB multiple
+    cfg = make_cfg(tmp_path / "kv", group_size=8, kernel_aio=kernel_aio)
     kv = torch.randn(32, 3, 2, 8, 64)
     calls = []
-    real = DiskStore._read_in_place
-    monkeypatch.setattr(DiskStore, "_read_in_place", lambda self, *a: calls.append(1) or real(self, *a))
+    real = DiskStore._verify_in_place
+    monkeypatch.setattr(DiskStore, "_verify_in_place", lambda self, *a: calls.append(1) or real(self, *a))
     with DiskStore(cfg) as s:
         s.write_groups("a", 0, 0, kv)
         info = open_segment(files(cfg)[0], cfg)

@@ -36,6 +36,10 @@ class StoreConfig:
     direct_io: str = "auto"
     # Reads in flight at once (threads issuing preadv).
     io_threads: int = 8
+    # O_DIRECT reads of one call go to the kernel together (Linux AIO: one system call for all,
+    # no thread or Python per read; see store/aio.py) where the kernel offers it. False, for
+    # buffered reads, or under a throttle: io_threads threads issue them one by one.
+    kernel_aio: bool = True
     # One read per run of adjacent groups; False = one read per group (benchmarks compare both).
     coalesce_reads: bool = True
     # Longer runs are split into reads of at most this many bytes (at least one group), so
@@ -54,6 +58,8 @@ class StoreConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise StoreError(f"StoreConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.kernel_aio, bool):
+            raise StoreError(f"StoreConfig.kernel_aio must be a bool, got {self.kernel_aio!r}")
         if not isinstance(self.max_read_bytes, int) or self.max_read_bytes < 4096:
             raise StoreError(f"StoreConfig.max_read_bytes must be an int >= 4096, got {self.max_read_bytes!r}")
         if not isinstance(self.read_gap_bytes, int) or isinstance(self.read_gap_bytes, bool) or self.read_gap_bytes < 0:

@@ -1,7 +1,8 @@
 """DiskStore: the full KV cache on disk, as runs of groups per (sequence, layer).
 
-Reads take any set of groups, coalesce adjacent ones into extents, and issue the extents from
-a thread pool with O_DIRECT into aligned buffers; every group's checksum is verified, and a
+Reads take any set of groups, coalesce adjacent ones into extents, and issue the extents with
+O_DIRECT into aligned buffers, all at once through kernel AIO where the kernel offers it, else
+from a thread pool; every group's checksum is verified, and a
 mismatch is reported as a miss (the caller recomputes), never served. Writes are whole block
 files made visible by an atomic rename. A byte capacity is enforced with LRU eviction of files
 no open sequence uses; a full disk stops writing (one warning) and reads go on.
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from kvswap_vllm.resources import helper_thread_pool
-from kvswap_vllm.store import fileio
+from kvswap_vllm.store import aio, fileio
 from kvswap_vllm.store.config import StoreConfig
 from kvswap_vllm.store.crypto import OVERHEAD, GroupCipher
 from kvswap_vllm.store.errors import DamagedFileError, FormatError, MissingGroupsError, StoreError
@@ -64,6 +65,8 @@ class StoreStats:
     read_busy_s: float = 0.0
     # True when reads bypass the page cache with O_DIRECT; False means buffered + DONTNEED.
     direct_io: bool = False
+    # True when a call's reads go to the kernel together (kernel AIO), False: thread lanes.
+    kernel_aio: bool = False
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -137,6 +140,12 @@ class DiskStore:
         fileio.ensure_private_dir(config.namespace, config.root)
         self._direct = self._choose_direct_io()
         self.stats.direct_io = self._direct
+        # Kernel AIO only for O_DIRECT (buffered AIO reads block in io_submit) and without a
+        # throttle (which paces reads one request at a time, as the emulated device would).
+        self._aio = config.kernel_aio and self._direct and throttle is None and aio.available()
+        self.stats.kernel_aio = self._aio
+        self._aio_local = threading.local()  # one AIO context per reading thread
+        self._aio_contexts: list[aio.AsyncReads] = []
         self._pool = helper_thread_pool(config.io_threads, "kvswap-io")
         # One writer thread keeps files in submission order; two buffers let the next file be
         # serialised while the previous one is written.
@@ -448,15 +457,9 @@ class DiskStore:
                 self._busy_since = t0
             self._reads_in_flight += 1
         dst = _Target(ids, out, found)
-        # One lane per I/O thread, each reading its share of extents in turn: as many reads in
-        # flight as threads, without paying a future per extent. The calling thread reads the
-        # first lane itself (one hand-off fewer; all of them when there is one lane).
-        lanes = [extents[i::self.config.io_threads] for i in range(min(self.config.io_threads, len(extents)))]
-        nbytes = 0
-        futures = [self._pool.submit(self._read_lane, sequence, layer, lane, dst) for lane in lanes[1:]]
+        futures: list[Future[int]] = []
         try:
-            if lanes:
-                nbytes = self._read_lane(sequence, layer, lanes[0], dst)
+            nbytes = self._read_extents(sequence, layer, extents, dst, futures)
         finally:
             futures_wait(futures)  # every lane is done before its extents are unpinned
             with self._lock:
@@ -476,6 +479,76 @@ class DiskStore:
             s.groups_missing += int((~found).sum())
             s.read_wait_s += now - t0
         return ReadResult(kv=out, found=found, bytes_read=nbytes, extents=len(extents))
+
+    def _read_extents(self, sequence: str, layer: int, extents: list[_Extent], dst: "_Target",
+                      futures: list[Future[int]]) -> int:
+        """Read `extents` into `dst`; bytes read. Through kernel AIO when the store uses it;
+        else one lane per I/O thread, each reading its share of extents in turn (as many reads
+        in flight as threads, without paying a future per extent), the calling thread reading
+        the first lane itself (one hand-off fewer). Lanes other than the first are left in
+        `futures` for the caller to wait for."""
+        if self._aio and extents:
+            try:
+                return self._read_async(sequence, layer, extents, dst)
+            except aio.AioError as exc:
+                log.warning("kvswap store: kernel AIO failed (%s); reading with threads from now on", exc)
+                self._aio = self.stats.kernel_aio = False
+        lanes = [extents[i::self.config.io_threads] for i in range(min(self.config.io_threads, len(extents)))]
+        futures += [self._pool.submit(self._read_lane, sequence, layer, lane, dst) for lane in lanes[1:]]
+        return self._read_lane(sequence, layer, lanes[0], dst) if lanes else 0
+
+    def _read_async(self, sequence: str, layer: int, extents: list[_Extent], dst: "_Target") -> int:
+        """Every extent in one kernel AIO round trip: straight into `dst` where aligned, else into
+        this thread's aligned buffer; an extent the kernel refuses or cuts short is then read
+        the usual way (which reports what cannot be read)."""
+        rb = self._row_bytes
+        again: list[_Extent] = []
+        # Per extent read: (extent, offset, length, read start, read length, buffer offset or -1).
+        plans: list[tuple[_Extent, int, int, int, int, int]] = []
+        scratch = 0
+        for ext in extents:
+            offset, length = ext.seg.info.data_offset + ext.first_row * rb, ext.count * rb
+            try:
+                f = self._file(ext.seg)
+            except OSError:
+                again.append(ext)  # the usual way says why it cannot be read
+                continue
+            if ext.out_start >= 0 and self._cipher is None and \
+                    f.can_read_into(offset, length, dst.address + ext.out_start * rb):
+                plans.append((ext, offset, length, offset, length, -1))
+            else:
+                start = fileio.align_down(offset)
+                span = min(fileio.align_up(offset + length), fileio.align_up(f.size)) - start
+                plans.append((ext, offset, length, start, span, scratch))
+                scratch += span
+        buf = fileio.thread_buffer(scratch)
+        fds = np.array([p[0].seg.file.fd for p in plans], dtype=np.int64)
+        at = np.array([p[5] for p in plans], dtype=np.int64)
+        addresses = np.where(at < 0, dst.address + np.array([p[0].out_start for p in plans], dtype=np.int64) * rb,
+                             fileio.buffer_address(buf) + at)
+        got = self._aio_context().read(fds, np.array([p[3] for p in plans], dtype=np.int64),
+                                       np.array([p[4] for p in plans], dtype=np.int64), addresses).tolist()
+        nbytes = 0
+        with torch.inference_mode():
+            for (ext, offset, length, start, _, pos), n in zip(plans, got):
+                if n < offset + length - start:
+                    again.append(ext)
+                    continue
+                nbytes += n
+                if pos < 0:
+                    self._verify_in_place(ext, dst.bytes[ext.out_start * rb:ext.out_start * rb + length], dst.found)
+                else:
+                    self._deliver(sequence, layer, ext, dst, memoryview(buf)[pos + offset - start:][:length], n)
+            # After every delivery from the buffer: the usual path reuses it.
+            return nbytes + sum(self._read_extent(sequence, layer, ext, dst) for ext in again)
+
+    def _aio_context(self) -> aio.AsyncReads:
+        ctx = getattr(self._aio_local, "ctx", None)
+        if ctx is None:
+            ctx = self._aio_local.ctx = aio.AsyncReads()
+            with self._lock:
+                self._aio_contexts.append(ctx)
+        return ctx
 
     def _plan(self, sequence: str, layer: int, ids: list[int]) -> list[_Extent]:
         """Group the requested ids by file, then into runs of adjacent rows (one read each)."""
@@ -526,23 +599,33 @@ class DiskStore:
         info, rb = ext.seg.info, self._row_bytes
         offset, length = info.data_offset + ext.first_row * rb, ext.count * rb
         # Rows of requested groups in order land at dst.bytes[start:start + length].
-        contiguous, start = ext.out_start >= 0 and self._cipher is None, ext.out_start * rb
+        start = ext.out_start * rb
         try:
             f = self._file(ext.seg)
             if self._throttle is not None:
                 self._throttle.wait(length)
-            if contiguous and f.can_read_into(offset, length, dst.address + start):
-                return self._read_in_place(f, info, ext, offset, dst.bytes[start:start + length], dst.found)
+            if ext.out_start >= 0 and self._cipher is None and f.can_read_into(offset, length, dst.address + start):
+                nread = f.read_into(offset, dst.bytes[start:start + length])  # zero-copy
+                self._verify_in_place(ext, dst.bytes[start:start + length], dst.found)
+                return nread
             view, nread = f.read_extent(offset, length)
         except (OSError, FormatError) as exc:
             log.warning("kvswap store: read of %s failed (%s); treating its groups as missing", info.path, exc)
             return 0
+        return self._deliver(sequence, layer, ext, dst, view, nread)
+
+    def _deliver(self, sequence: str, layer: int, ext: _Extent, dst: "_Target", view: memoryview, nread: int) -> int:
+        """Verify the extent's rows read into `view` and copy the intact requested ones to `dst`;
+        returns `nread`."""
+        info, rb = ext.seg.info, self._row_bytes
         self._touch(ext.seg)
         expected = info.crc32c[ext.first_row:ext.first_row + ext.count]
-        if contiguous and [checksum(view[r * rb:(r + 1) * rb]) for r in range(ext.count)] == expected.tolist():
+        if ext.out_start >= 0 and self._cipher is None and \
+                [checksum(view[r * rb:(r + 1) * rb]) for r in range(ext.count)] == expected.tolist():
             # The common case: a run of requested groups, all intact, landing in consecutive rows
             # (a memoryview copy: per extent, torch's per-call overhead cost more than the bytes).
-            dst.bytes[start:start + length] = view
+            start = ext.out_start * rb
+            dst.bytes[start:start + len(view)] = view
             dst.found[ext.out_start:ext.out_start + ext.count] = True
             return nread
         pos = np.asarray(ext.out_pos)
@@ -561,18 +644,15 @@ class DiskStore:
         dst.found[pos[good]] = True
         return nread
 
-    def _read_in_place(self, f: fileio.ReadFile, info: SegmentInfo, ext: _Extent, offset: int,
-                       dest: memoryview, found: np.ndarray) -> int:
-        """Zero-copy: the extent lands directly in the caller's rows, then is verified there."""
-        nread = f.read_into(offset, dest)
+    def _verify_in_place(self, ext: _Extent, dest: memoryview, found: np.ndarray) -> None:
+        """An extent read straight into the caller's rows: mark the intact ones found."""
+        info, rb = ext.seg.info, self._row_bytes
         self._touch(ext.seg)
-        rb = self._row_bytes
         ok = np.fromiter((checksum(dest[r * rb:(r + 1) * rb]) for r in range(ext.count)), np.uint32, ext.count) \
             == info.crc32c[ext.first_row:ext.first_row + ext.count]
         found[ext.out_start:ext.out_start + ext.count] = ok
         for r in np.flatnonzero(~ok):
             self._count_checksum_failure(info, info.first_group + ext.first_row + int(r))
-        return nread
 
     def _open_sealed(self, sequence: str, layer: int, info: SegmentInfo, ext: _Extent, view: memoryview,
                      ok: np.ndarray, pos: np.ndarray, rel: np.ndarray, dst: "_Target", nread: int) -> int:
@@ -612,6 +692,8 @@ class DiskStore:
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._pool.shutdown(wait=True)
+        for ctx in self._aio_contexts:
+            ctx.close()
         with self._lock:
             for seq in list(self._private):
                 self._open_seqs.pop(seq, None)

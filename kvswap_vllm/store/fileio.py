@@ -35,6 +35,13 @@ def aligned_buffer(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(ALIGN, align_up(nbytes)))
 
 
+def buffer_address(buf: mmap.mmap) -> int:
+    """Address of a writable buffer's first byte (for the kernel to read into)."""
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
 def aligned_tensor(shape: tuple[int, ...], dtype: "torch.dtype") -> "torch.Tensor":
     """An uninitialised tensor in page-aligned memory: O_DIRECT reads can land in it directly."""
     import torch
