@@ -90,7 +90,7 @@ class HotTier:
 
     def load(self, layer: int, groups: torch.Tensor) -> LoadResult:
         """Make every group of `groups` (at most slots_per_layer ids) resident in `layer`'s slots."""
-        ids = [int(g) for g in groups]
+        ids = groups.tolist() if isinstance(groups, torch.Tensor) else [int(g) for g in groups]
         if len(ids) > self.slots_per_layer:
             raise ValueError(f"{len(ids)} groups selected, the hot tier has {self.slots_per_layer} slots per layer "
                              "(the dense predictor needs a budget that covers the whole context)")
