@@ -62,6 +62,24 @@ def test_roundtrip_any_order_with_duplicates_and_misses(cfg: StoreConfig) -> Non
         assert s.stats.direct_io == (cfg.direct_io == "auto")
 
 
+def test_one_call_reads_requests_of_several_sequences_and_layers(cfg: StoreConfig) -> None:
+    from kvswap_vllm.store import ReadRequest
+
+    a, b = groups(12, seed=1), groups(12, seed=2)
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, a)
+        s.write_groups("a", 1, 0, b)
+        s.write_groups("b", 0, 0, b)
+        out = torch.empty(3, 3, 2, 4, 64)
+        res = s.read_many([ReadRequest("a", 0, [5, 1, 2]), ReadRequest("a", 1, [7, 30], None),
+                           ReadRequest("b", 0, [0, 3, 11], out), ReadRequest("b", 2, [0])])
+        assert [r.found.tolist() for r in res] == [[True] * 3, [True, False], [True] * 3, [False]]
+        assert torch.equal(res[0].kv, a[[5, 1, 2]]) and torch.equal(res[1].kv[0], b[7])
+        assert res[2].kv is out and torch.equal(out, b[[0, 3, 11]])
+        assert [r.extents for r in res] == [2, 1, 3, 0] and all(r.bytes_read > 0 for r in res[:3])
+        assert s.stats.read_requests == 4 and s.stats.groups_read == 7 and s.stats.groups_missing == 2
+
+
 def test_async_writes_are_readable_after_flush(cfg: StoreConfig) -> None:
     kv = groups(40)
     with DiskStore(cfg) as s:

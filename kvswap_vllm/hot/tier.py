@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from kvswap_vllm.errors import KVSwapError
-from kvswap_vllm.store.disk_store import DiskStore, ReadResult
+from kvswap_vllm.store.disk_store import DiskStore, ReadRequest, ReadResult
 from kvswap_vllm.store.fileio import aligned_tensor
 
 
@@ -43,6 +43,20 @@ class LoadResult:
 
 
 @dataclass
+class _Plan:
+    """A load, planned: the selected ids, those to read, and the slots free for them."""
+
+    ids: list[int]
+    misses: list[int]
+    free: list[int]
+
+
+#: requests(layer, group ids, out): the store reads that fetch a sequence's groups into `out`
+#: (consecutive slices of it, in order; a sequence may start with groups of stored prefixes).
+ReadRequests = Callable[[int, list[int], torch.Tensor], list[ReadRequest]]
+
+
+@dataclass
 class HotStats:
     selected: int = 0
     hits: int = 0
@@ -67,15 +81,13 @@ class HotTier:
     """
 
     def __init__(self, store: DiskStore, sequence: str, slots_per_layer: int,
-                 read: Callable[[int, list[int], torch.Tensor], ReadResult] | None = None,
-                 reuse: bool = True, device: torch.device | str = "cpu") -> None:
+                 requests: ReadRequests | None = None, reuse: bool = True, device: torch.device | str = "cpu") -> None:
         """`reuse=False`: each load reads all its groups again (the no-reuse baseline)."""
         cfg = store.config
         self.reuse, self.device = reuse, torch.device(device)
         self.store, self.sequence, self.slots_per_layer = store, sequence, slots_per_layer
-        # read(layer, group ids, out): the sequence's groups (a sequence may start with groups
-        # of stored prefixes); by default straight from `sequence` in the store.
-        self._read = read or (lambda layer, ids, out: store.read_groups(sequence, layer, ids, out=out))
+        # By default the groups are `sequence`'s own in the store.
+        self._requests = requests or (lambda layer, ids, out: [ReadRequest(sequence, layer, ids, out)])
         heads, _, group, dim = cfg.group_shape
         shape = (cfg.num_layers, 2, heads, slots_per_layer, group, dim)
         self.slots = aligned_tensor(shape, cfg.torch_dtype) if self.device.type == "cpu" else \
@@ -90,6 +102,25 @@ class HotTier:
 
     def load(self, layer: int, groups: torch.Tensor) -> LoadResult:
         """Make every group of `groups` (at most slots_per_layer ids) resident in `layer`'s slots."""
+        return HotTier.load_many([self], layer, [groups])[0]
+
+    @staticmethod
+    def load_many(tiers: list["HotTier"], layer: int, groups: list[torch.Tensor]) -> list[LoadResult]:
+        """`load` for several hot tiers of one store (a batch's sequences) at once: all their
+        reads go to the store in one call (one kernel round trip with AIO)."""
+        if any(t.store is not tiers[0].store for t in tiers):
+            raise ValueError("hot tiers loaded together must share one store")
+        plans = [t._plan(layer, g) for t, g in zip(tiers, groups)]
+        requests = [t._requests(layer, p.misses, t._stage[:len(p.misses)]) if p.misses else []
+                    for t, p in zip(tiers, plans)]
+        flat = [r for rs in requests for r in rs]
+        results = iter(tiers[0].store.read_many(flat) if flat else ())
+        return [t._finish(layer, p, ReadResult.joined([next(results) for _ in rs], t._stage[:len(p.misses)]))
+                for t, p, rs in zip(tiers, plans, requests)]
+
+    def _plan(self, layer: int, groups: torch.Tensor) -> _Plan:
+        """Which selected groups to read, and the slots they may take (evicting what is no
+        longer selected)."""
         ids = groups.tolist() if isinstance(groups, torch.Tensor) else [int(g) for g in groups]
         if len(ids) > self.slots_per_layer:
             raise ValueError(f"{len(ids)} groups selected, the hot tier has {self.slots_per_layer} slots per layer "
@@ -98,33 +129,30 @@ class HotTier:
         if not self.reuse:
             table.clear()
         wanted = set(ids)
-        misses = [g for g in ids if g not in table]
-        hits = len(ids) - len(misses)
         free = sorted(set(range(self.slots_per_layer)) - set(table.values()))
         for g in [g for g in table if g not in wanted]:  # evict groups no longer selected
             free.append(table.pop(g))
-        unavailable: list[int] = []
-        read: list[int] = []
-        nbytes = 0
-        if misses:
-            res = self._read(layer, misses, self._stage[: len(misses)])
-            nbytes = res.bytes_read
-            ok = [i for i, f in enumerate(res.found) if f]
-            unavailable = [misses[i] for i, f in enumerate(res.found) if not f]
-            target = free[: len(ok)]
-            if ok:
-                rows = self._stage[torch.tensor(ok)].to(self.device).permute(2, 1, 0, 3, 4)  # (2, H, n, G, D)
-                self.slots[layer].index_copy_(2, torch.tensor(target, device=self.device), rows)
-            for i, slot in zip(ok, target):
-                table[misses[i]] = slot
-            read = [misses[i] for i in ok]
+        return _Plan(ids, [g for g in ids if g not in table], free)
+
+    def _finish(self, layer: int, plan: _Plan, res: ReadResult) -> LoadResult:
+        """Put what was read for `plan` into its slots."""
+        table, misses = self._slot_of[layer], plan.misses
+        ok = [i for i, f in enumerate(res.found) if f]
+        unavailable = [misses[i] for i, f in enumerate(res.found) if not f]
+        target = plan.free[: len(ok)]
+        if ok:
+            rows = self._stage[torch.tensor(ok)].to(self.device).permute(2, 1, 0, 3, 4)  # (2, H, n, G, D)
+            self.slots[layer].index_copy_(2, torch.tensor(target, device=self.device), rows)
+        for i, slot in zip(ok, target):
+            table[misses[i]] = slot
         s = self.stats
-        s.selected += len(ids)
-        s.hits += hits
-        s.bytes_read += nbytes
+        s.selected += len(plan.ids)
+        s.hits += len(plan.ids) - len(misses)
+        s.bytes_read += res.bytes_read
         s.unavailable += len(unavailable)
-        slots = torch.tensor([table.get(g, -1) for g in ids], dtype=torch.int64)
-        return LoadResult(ids, slots, hits, len(misses), nbytes, unavailable, read)
+        slots = torch.tensor([table.get(g, -1) for g in plan.ids], dtype=torch.int64)
+        return LoadResult(plan.ids, slots, len(plan.ids) - len(misses), len(misses), res.bytes_read, unavailable,
+                          [misses[i] for i in ok])
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots, in order: each (num_kv_heads, len(slots) * group_size, head_dim)."""

@@ -74,7 +74,7 @@ class PrefetchStats:
 
 class LayerPrefetcher:
     """One background thread runs loads in submission order (they share the hot tier's
-    staging buffer)."""
+    staging buffer); `load_now` runs them in the calling thread, several sequences at once."""
 
     def __init__(self, hot: HotTier) -> None:
         self.hot = hot
@@ -83,20 +83,51 @@ class LayerPrefetcher:
         self._pool = helper_thread_pool(1, "kvswap-prefetch")
         self._pending: dict[int, Future[LoadResult]] = {}
         self._pending_groups: dict[int, torch.Tensor] = {}
+        self._last: Future[LoadResult] | None = None  # the newest background load
         # Per layer, since its last wait: (source, groups read) of each finished load.
         self._reads: list[list[tuple[str, list[int]]]] = [[] for _ in range(n)]
 
     def submit(self, layer: int, groups: torch.Tensor, source: str) -> None:
-        """Start loading `groups` of `layer`; supersedes a load not yet waited for. The same
-        groups as the pending load (a prediction that was right) need no second load."""
+        """Start loading `groups` of `layer` in the background; supersedes a load not yet waited
+        for. The same groups as the pending load (a prediction that was right) need no second load."""
+        if self._counts(layer, groups, source):
+            self._pending_groups[layer] = groups
+            self._pending[layer] = self._last = self._pool.submit(self._load, layer, groups, source)
+
+    @staticmethod
+    def load_now(prefetchers: list["LayerPrefetcher"], layer: int, groups: list[torch.Tensor],
+                 sources: list[str]) -> None:
+        """Load `groups[i]` of `layer` for prefetchers[i] now, in the calling thread, all in one
+        store call (their hot tiers share a store): for a selection the layer attends to right
+        away, where a background thread would only add a hand-off per sequence and, on a small
+        CPU, take the GIL from the forward pass. Each prefetcher's earlier loads finish first
+        (they share its staging buffer); `wait(layer)` then returns at once."""
+        todo = [(p, g, src) for p, g, src in zip(prefetchers, groups, sources) if p._counts(layer, g, src)]
+        if not todo:
+            return
+        for p, _, _ in todo:
+            if p._last is not None:
+                p._last.result()
+        t0 = time.perf_counter()
+        with torch.inference_mode():  # the slots may be inference tensors
+            results = HotTier.load_many([p.hot for p, _, _ in todo], layer, [g for _, g, _ in todo])
+        seconds = time.perf_counter() - t0
+        for (p, g, src), res in zip(todo, results):
+            p._record(layer, src, res, seconds)
+            p.stats.wait_s[layer] += seconds  # the layer waits for all of it
+            done: Future[LoadResult] = Future()
+            done.set_result(res)
+            p._pending[layer], p._pending_groups[layer] = done, g
+
+    def _counts(self, layer: int, groups: torch.Tensor, source: str) -> bool:
+        """Whether a load of `groups` is needed (counted as one of `source`), or the pending one is it."""
         if source not in SOURCES:
             raise ValueError(f"unknown load source {source!r}; one of {SOURCES}")
         same = self._pending_groups.get(layer)
         if layer in self._pending and same is not None and torch.equal(same, groups):
-            return
+            return False
         self.stats.by_source[source].loads += 1
-        self._pending_groups[layer] = groups
-        self._pending[layer] = self._pool.submit(self._load, layer, groups, source)
+        return True
 
     def pending(self, layer: int) -> bool:
         return layer in self._pending
@@ -105,12 +136,15 @@ class LayerPrefetcher:
         t0 = time.perf_counter()
         with torch.inference_mode():  # per thread; the slots may be inference tensors
             res = self.hot.load(layer, groups)
-        self.stats.load_s[layer] += time.perf_counter() - t0
+        self._record(layer, source, res, time.perf_counter() - t0)
+        return res
+
+    def _record(self, layer: int, source: str, res: LoadResult, seconds: float) -> None:
+        self.stats.load_s[layer] += seconds
         s = self.stats.by_source[source]
         s.groups_read += len(res.read)
         s.bytes_read += res.bytes_read
         self._reads[layer].append((source, res.read))
-        return res
 
     def wait(self, layer: int) -> LoadResult:
         """The result of the layer's last submitted load; earlier loads finished before it."""

@@ -25,7 +25,7 @@ from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, cre
 from kvswap_vllm.predict.persisted import rows_from_aux, rows_to_aux
 from kvswap_vllm.prefetch.pipeline import LayerPrefetcher
 from kvswap_vllm.resources import trim_heap
-from kvswap_vllm.store.disk_store import DiskStore, ReadResult
+from kvswap_vllm.store.disk_store import DiskStore, ReadRequest, ReadResult
 from kvswap_vllm.store.fileio import aligned_tensor
 
 
@@ -105,8 +105,11 @@ class SequenceReader:
     name: str
     prefix: tuple[PrefixRun, ...] = ()
 
-    def __call__(self, layer: int, ids: list[int], out: torch.Tensor | None = None) -> ReadResult:
-        """Groups `ids` (ascending) of `layer`."""
+    def requests(self, layer: int, ids: list[int], out: torch.Tensor) -> list[ReadRequest]:
+        """The store reads of groups `ids` (ascending) of `layer` into `out`: one per run of
+        ids stored under one sequence, each into its slice of `out`."""
+        if not self.prefix:
+            return [ReadRequest(self.name, layer, ids, out)]
         parts: list[tuple[str, list[int]]] = []
         for g in ids:
             src = next((r.sequence for r in self.prefix if r.start <= g < r.stop), self.name)
@@ -114,16 +117,14 @@ class SequenceReader:
                 parts[-1][1].append(g)
             else:
                 parts.append((src, [g]))
-        if len(parts) <= 1:
-            return self.store.read_groups(parts[0][0] if parts else self.name, layer, ids, out=out)
+        bounds = np.cumsum([0] + [len(p) for _, p in parts]).tolist()
+        return [ReadRequest(src, layer, part, out[lo:hi]) for (src, part), lo, hi in zip(parts, bounds, bounds[1:])]
+
+    def __call__(self, layer: int, ids: list[int], out: torch.Tensor | None = None) -> ReadResult:
+        """Groups `ids` (ascending) of `layer`."""
         if out is None:
             out = aligned_tensor((len(ids), *self.store.config.group_shape), self.store.config.torch_dtype)
-        found, nbytes, extents, i = [], 0, 0, 0
-        for src, part in parts:
-            res = self.store.read_groups(src, layer, part, out=out[i:i + len(part)])
-            found.append(res.found)
-            nbytes, extents, i = nbytes + res.bytes_read, extents + res.extents, i + len(part)
-        return ReadResult(out, np.concatenate(found), nbytes, extents)
+        return ReadResult.joined(self.store.read_many(self.requests(layer, ids, out)), out)
 
 
 class KVSwapSequence:
@@ -154,7 +155,7 @@ class KVSwapSequence:
         # Not a bound method: the hot tier must not refer back to the sequence, or the two would be
         # a cycle that only the cyclic GC frees (its buffers then outlived closed sequences).
         self._reader = SequenceReader(store, self.name, tuple(self.prefix))
-        self.hot = HotTier(store, self.name, config.selection.budget_groups, read=self._reader,
+        self.hot = HotTier(store, self.name, config.selection.budget_groups, requests=self._reader.requests,
                            reuse=config.reuse, device=self.device)
         self.prefetch = LayerPrefetcher(self.hot)
         n = shape.num_layers
@@ -230,18 +231,23 @@ class KVSwapSequence:
     def submit(self, layer: int, query: torch.Tensor, ahead: bool) -> None:
         """Select `layer`'s groups for `query` (num_q_heads, head_dim), post-RoPE, and start
         loading the ones not resident; this is the selection the layer attends to. `ahead` =
-        predicted from the previous layer's input, else the layer's own query."""
-        query = query.to("cpu")  # the predictor's metadata is in host memory
-        self._submit_selected(layer, query, self.predictor.select(layer, query, self._attended[layer]), ahead)
+        predicted from the previous layer's input (loaded in the background), else the layer's
+        own query (loaded now: the layer attends to it next)."""
+        KVSwapSequence.submit_batch([self], layer, query.unsqueeze(0), ahead)
 
     @staticmethod
     def submit_batch(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor, ahead: bool) -> None:
-        """`submit` for several sequences (same config) at once: queries (len(seqs), q_heads, d),
-        selected together (see predict.base.select_batch)."""
-        queries = queries.to("cpu")
+        """`submit` for several sequences (same config, one store) at once: queries
+        (len(seqs), q_heads, d), selected together (see predict.base.select_batch); loads from
+        own queries go to the store together."""
+        queries = queries.to("cpu")  # the predictor's metadata is in host memory
         groups = select_batch([s.predictor for s in seqs], layer, queries, [s._attended[layer] for s in seqs])
-        for seq, query, ids in zip(seqs, queries, groups):
-            seq._submit_selected(layer, query, ids, ahead)
+        sources = [seq._note_selection(layer, query, ahead) for seq, query in zip(seqs, queries)]
+        if ahead:
+            for seq, ids, source in zip(seqs, groups, sources):
+                seq.prefetch.submit(layer, ids, source)
+        else:
+            LayerPrefetcher.load_now([s.prefetch for s in seqs], layer, groups, sources)
 
     def needs_selection(self, layer: int) -> bool:
         """`layer` still has to select from its own query this step: nothing is submitted for it
@@ -249,12 +255,13 @@ class KVSwapSequence:
         own = self._submitted.get(layer)
         return own is None or (not own and self.config.reselect)
 
-    def _submit_selected(self, layer: int, query: torch.Tensor, groups: torch.Tensor, ahead: bool) -> None:
+    def _note_selection(self, layer: int, query: torch.Tensor, ahead: bool) -> str:
+        """Record that `layer` selected with `query` this step; the load's source."""
         self._query[layer] = query.clone()  # never a view that keeps an engine's batch alive
         source = "ahead" if ahead else "exact" if layer in self._submitted else "own"
-        self.prefetch.submit(layer, groups, source)
         self._submitted[layer] = not ahead
         self._selected_over[layer] = self.predictor.num_groups(layer)
+        return source
 
     def prefetch_step(self) -> None:
         """At the start of a decode step: every layer >= FIRST_AHEAD_LAYER that has selected

@@ -4,7 +4,7 @@ Import rule: nothing here imports vllm, kvswap_vllm.vllm, the predictors or the 
 """
 
 from kvswap_vllm.store.config import StoreConfig
-from kvswap_vllm.store.disk_store import DiskStore, ReadResult, stored_block_hashes
+from kvswap_vllm.store.disk_store import DiskStore, ReadRequest, ReadResult, stored_block_hashes
 from kvswap_vllm.store.errors import FormatError, ModelMismatchError, StoreError
 
-__all__ = ["DiskStore", "stored_block_hashes", "FormatError", "ModelMismatchError", "ReadResult", "StoreConfig", "StoreError"]
+__all__ = ["DiskStore", "ReadRequest", "stored_block_hashes", "FormatError", "ModelMismatchError", "ReadResult", "StoreConfig", "StoreError"]

@@ -87,18 +87,43 @@ class ReadResult:
     def missing(self) -> list[int]:
         return [i for i, ok in enumerate(self.found) if not ok]
 
+    @classmethod
+    def joined(cls, parts: list["ReadResult"], kv: torch.Tensor) -> "ReadResult":
+        """One result for requests whose outs are consecutive slices of `kv`, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        found = np.concatenate([p.found for p in parts]) if parts else np.zeros(0, dtype=bool)
+        return cls(kv, found, sum(p.bytes_read for p in parts), sum(p.extents for p in parts))
+
 
 class _Target:
-    """Where one read_groups call puts its rows: `rows` (len(ids), row bytes) uint8 over the
-    caller's tensor, the same bytes as a flat memoryview, their address, and `found` per id."""
+    """One request of a read call: its (sequence, layer, ids), where its rows go (`rows`
+    (len(ids), row bytes) uint8 over the caller's tensor, the same bytes as a flat memoryview,
+    their address), `found` per id, and its extents."""
 
-    __slots__ = ("ids", "rows", "bytes", "address", "found")
+    __slots__ = ("sequence", "layer", "ids", "out", "rows", "bytes", "address", "found", "extents", "nbytes")
 
-    def __init__(self, ids: list[int], out: torch.Tensor, found: np.ndarray) -> None:
-        self.ids, self.found = ids, found
+    def __init__(self, sequence: str, layer: int, ids: list[int], out: torch.Tensor) -> None:
+        self.sequence, self.layer, self.ids, self.out = sequence, layer, ids, out
+        self.found = np.zeros(len(ids), dtype=bool)
         self.rows = out.view(len(ids), -1).view(torch.uint8)
         self.bytes = memoryview(self.rows.numpy()).cast("B")
         self.address = self.rows.data_ptr()
+        self.extents: list[_Extent] = []
+        self.nbytes = 0
+
+    def result(self) -> "ReadResult":
+        return ReadResult(kv=self.out, found=self.found, bytes_read=self.nbytes, extents=len(self.extents))
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Groups `ids` of one layer of one sequence, into `out` (see DiskStore.read_groups)."""
+
+    sequence: str
+    layer: int
+    ids: list[int]
+    out: torch.Tensor | None = None
 
 
 @dataclass
@@ -441,106 +466,117 @@ class DiskStore:
         offsets and destination rows are 4 KiB-aligned are read straight into `out` (zero-copy);
         others are copied once from an aligned I/O buffer. Rows of groups not found are undefined.
         """
-        ids = [int(g) for g in group_ids]
-        if out is None:
-            out = fileio.aligned_tensor((len(ids), *self.config.group_shape), self.config.torch_dtype)
-        elif (tuple(out.shape) != (len(ids), *self.config.group_shape) or out.dtype != self.config.torch_dtype
-              or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous {(len(ids), *self.config.group_shape)} {self.config.torch_dtype} tensor")
-        found = np.zeros(len(ids), dtype=bool)
+        return self.read_many([ReadRequest(sequence, layer, [int(g) for g in group_ids], out)])[0]
+
+    def read_many(self, requests: Sequence[ReadRequest]) -> list[ReadResult]:
+        """`read_groups` for several requests in one call: their reads are issued together (one
+        kernel round trip with AIO), e.g. one layer's missing groups of every sequence of a batch."""
+        dsts = [_Target(r.sequence, r.layer, r.ids, self._destination(r)) for r in requests]
         t0 = time.perf_counter()
         with self._lock:
-            extents = self._plan(sequence, layer, ids)
-            for ext in extents:
+            jobs = []
+            for d in dsts:
+                d.extents = self._plan(d.sequence, d.layer, d.ids)
+                jobs += [(ext, d) for ext in d.extents]
+            for ext, _ in jobs:
                 ext.seg.pins += 1
             if self._reads_in_flight == 0:
                 self._busy_since = t0
             self._reads_in_flight += 1
-        dst = _Target(ids, out, found)
-        futures: list[Future[int]] = []
+        lanes: list[Future[list[int]]] = []
         try:
-            nbytes = self._read_extents(sequence, layer, extents, dst, futures)
+            self._read_jobs(jobs, lanes)
         finally:
-            futures_wait(futures)  # every lane is done before its extents are unpinned
+            futures_wait(lanes)  # every lane is done before its extents are unpinned
             with self._lock:
-                for ext in extents:
+                for ext, _ in jobs:
                     ext.seg.pins -= 1
                 now = time.perf_counter()
                 self._reads_in_flight -= 1
                 if self._reads_in_flight == 0:
                     self.stats.read_busy_s += now - self._busy_since
-        nbytes += sum(fut.result() for fut in futures)
+        for i, fut in enumerate(lanes, start=1):
+            for (_, d), n in zip(jobs[i::self.config.io_threads], fut.result()):
+                d.nbytes += n
         with self._lock:
             s = self.stats
-            s.read_requests += 1
-            s.extents_read += len(extents)
-            s.bytes_read += nbytes
-            s.groups_read += int(found.sum())
-            s.groups_missing += int((~found).sum())
+            s.read_requests += len(dsts)
+            s.extents_read += len(jobs)
+            s.bytes_read += sum(d.nbytes for d in dsts)
+            s.groups_read += sum(int(d.found.sum()) for d in dsts)
+            s.groups_missing += sum(int((~d.found).sum()) for d in dsts)
             s.read_wait_s += now - t0
-        return ReadResult(kv=out, found=found, bytes_read=nbytes, extents=len(extents))
+        return [d.result() for d in dsts]
 
-    def _read_extents(self, sequence: str, layer: int, extents: list[_Extent], dst: "_Target",
-                      futures: list[Future[int]]) -> int:
-        """Read `extents` into `dst`; bytes read. Through kernel AIO when the store uses it;
-        else one lane per I/O thread, each reading its share of extents in turn (as many reads
-        in flight as threads, without paying a future per extent), the calling thread reading
-        the first lane itself (one hand-off fewer). Lanes other than the first are left in
-        `futures` for the caller to wait for."""
-        if self._aio and extents:
+    def _destination(self, r: ReadRequest) -> torch.Tensor:
+        shape = (len(r.ids), *self.config.group_shape)
+        if r.out is None:
+            return fileio.aligned_tensor(shape, self.config.torch_dtype)
+        if tuple(r.out.shape) != shape or r.out.dtype != self.config.torch_dtype or not r.out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {shape} {self.config.torch_dtype} tensor")
+        return r.out
+
+    def _read_jobs(self, jobs: list[tuple[_Extent, "_Target"]], lanes: list[Future[list[int]]]) -> None:
+        """Read each (extent, request) job into its request, adding the bytes read to it. Through
+        kernel AIO when the store uses it; else one lane per I/O thread, each reading its share of
+        jobs in turn (as many reads in flight as threads, without paying a future per extent),
+        the calling thread reading the first lane itself (one hand-off fewer). Lanes other than
+        the first are left in `lanes` (bytes per job) for the caller to wait for."""
+        if self._aio and jobs:
             try:
-                return self._read_async(sequence, layer, extents, dst)
+                return self._read_async(jobs)
             except aio.AioError as exc:
                 log.warning("kvswap store: kernel AIO failed (%s); reading with threads from now on", exc)
                 self._aio = self.stats.kernel_aio = False
-        lanes = [extents[i::self.config.io_threads] for i in range(min(self.config.io_threads, len(extents)))]
-        futures += [self._pool.submit(self._read_lane, sequence, layer, lane, dst) for lane in lanes[1:]]
-        return self._read_lane(sequence, layer, lanes[0], dst) if lanes else 0
+        n = self.config.io_threads
+        lanes += [self._pool.submit(self._read_lane, jobs[i::n]) for i in range(1, min(n, len(jobs)))]
+        for (_, d), got in zip(jobs[::n], self._read_lane(jobs[::n])):
+            d.nbytes += got
 
-    def _read_async(self, sequence: str, layer: int, extents: list[_Extent], dst: "_Target") -> int:
-        """Every extent in one kernel AIO round trip: straight into `dst` where aligned, else into
-        this thread's aligned buffer; an extent the kernel refuses or cuts short is then read
-        the usual way (which reports what cannot be read)."""
+    def _read_async(self, jobs: list[tuple[_Extent, "_Target"]]) -> None:
+        """Every job in one kernel AIO round trip: straight into its request's rows where
+        aligned, else into this thread's aligned buffer; an extent the kernel refuses or cuts
+        short is then read the usual way (which reports what cannot be read)."""
         rb = self._row_bytes
-        again: list[_Extent] = []
-        # Per extent read: (extent, offset, length, read start, read length, buffer offset or -1).
-        plans: list[tuple[_Extent, int, int, int, int, int]] = []
+        again: list[tuple[_Extent, _Target]] = []
+        # Per read: (job, offset, length, read start, read length, buffer offset or -1: in place).
+        plans: list[tuple[tuple[_Extent, _Target], int, int, int, int, int]] = []
         scratch = 0
-        for ext in extents:
+        for ext, d in jobs:
             offset, length = ext.seg.info.data_offset + ext.first_row * rb, ext.count * rb
             try:
                 f = self._file(ext.seg)
             except OSError:
-                again.append(ext)  # the usual way says why it cannot be read
+                again.append((ext, d))  # the usual way says why it cannot be read
                 continue
             if ext.out_start >= 0 and self._cipher is None and \
-                    f.can_read_into(offset, length, dst.address + ext.out_start * rb):
-                plans.append((ext, offset, length, offset, length, -1))
+                    f.can_read_into(offset, length, d.address + ext.out_start * rb):
+                plans.append(((ext, d), offset, length, offset, length, -1))
             else:
                 start = fileio.align_down(offset)
                 span = min(fileio.align_up(offset + length), fileio.align_up(f.size)) - start
-                plans.append((ext, offset, length, start, span, scratch))
+                plans.append(((ext, d), offset, length, start, span, scratch))
                 scratch += span
         buf = fileio.thread_buffer(scratch)
-        fds = np.array([p[0].seg.file.fd for p in plans], dtype=np.int64)
         at = np.array([p[5] for p in plans], dtype=np.int64)
-        addresses = np.where(at < 0, dst.address + np.array([p[0].out_start for p in plans], dtype=np.int64) * rb,
-                             fileio.buffer_address(buf) + at)
-        got = self._aio_context().read(fds, np.array([p[3] for p in plans], dtype=np.int64),
-                                       np.array([p[4] for p in plans], dtype=np.int64), addresses).tolist()
-        nbytes = 0
+        in_place = np.array([p[0][1].address + p[0][0].out_start * rb for p in plans], dtype=np.int64)
+        got = self._aio_context().read(
+            np.array([p[0][0].seg.file.fd for p in plans], dtype=np.int64), np.array([p[3] for p in plans], dtype=np.int64),
+            np.array([p[4] for p in plans], dtype=np.int64), np.where(at < 0, in_place, fileio.buffer_address(buf) + at),
+        ).tolist()
         with torch.inference_mode():
-            for (ext, offset, length, start, _, pos), n in zip(plans, got):
+            for ((ext, d), offset, length, start, _, pos), n in zip(plans, got):
                 if n < offset + length - start:
-                    again.append(ext)
+                    again.append((ext, d))
                     continue
-                nbytes += n
+                d.nbytes += n
                 if pos < 0:
-                    self._verify_in_place(ext, dst.bytes[ext.out_start * rb:ext.out_start * rb + length], dst.found)
+                    self._verify_in_place(ext, d.bytes[ext.out_start * rb:ext.out_start * rb + length], d.found)
                 else:
-                    self._deliver(sequence, layer, ext, dst, memoryview(buf)[pos + offset - start:][:length], n)
+                    self._deliver(ext, d, memoryview(buf)[pos + offset - start:][:length])
             # After every delivery from the buffer: the usual path reuses it.
-            return nbytes + sum(self._read_extent(sequence, layer, ext, dst) for ext in again)
+            for (ext, d), n in zip(again, self._read_lane(again)):
+                d.nbytes += n
 
     def _aio_context(self) -> aio.AsyncReads:
         ctx = getattr(self._aio_local, "ctx", None)
@@ -589,13 +625,14 @@ class DiskStore:
                 for s, g, c, lo, hi, ok in zip(seg[los].tolist(), gid[los].tolist(), counts.tolist(), los.tolist(),
                                                his.tolist(), in_order.tolist())]
 
-    def _read_lane(self, sequence: str, layer: int, lane: list[_Extent], dst: "_Target") -> int:
+    def _read_lane(self, jobs: list[tuple[_Extent, "_Target"]]) -> list[int]:
+        """Bytes read per job, reading them in turn."""
         # Inference mode is per thread: without it, filling a tensor the caller made under
         # torch.inference_mode() would be refused.
         with torch.inference_mode():
-            return sum(self._read_extent(sequence, layer, ext, dst) for ext in lane)
+            return [self._read_extent(ext, d) for ext, d in jobs]
 
-    def _read_extent(self, sequence: str, layer: int, ext: _Extent, dst: "_Target") -> int:
+    def _read_extent(self, ext: _Extent, dst: "_Target") -> int:
         info, rb = ext.seg.info, self._row_bytes
         offset, length = info.data_offset + ext.first_row * rb, ext.count * rb
         # Rows of requested groups in order land at dst.bytes[start:start + length].
@@ -612,11 +649,11 @@ class DiskStore:
         except (OSError, FormatError) as exc:
             log.warning("kvswap store: read of %s failed (%s); treating its groups as missing", info.path, exc)
             return 0
-        return self._deliver(sequence, layer, ext, dst, view, nread)
+        self._deliver(ext, dst, view)
+        return nread
 
-    def _deliver(self, sequence: str, layer: int, ext: _Extent, dst: "_Target", view: memoryview, nread: int) -> int:
-        """Verify the extent's rows read into `view` and copy the intact requested ones to `dst`;
-        returns `nread`."""
+    def _deliver(self, ext: _Extent, dst: "_Target", view: memoryview) -> None:
+        """Verify the extent's rows read into `view` and copy the intact requested ones to `dst`."""
         info, rb = ext.seg.info, self._row_bytes
         self._touch(ext.seg)
         expected = info.crc32c[ext.first_row:ext.first_row + ext.count]
@@ -627,7 +664,7 @@ class DiskStore:
             start = ext.out_start * rb
             dst.bytes[start:start + len(view)] = view
             dst.found[ext.out_start:ext.out_start + ext.count] = True
-            return nread
+            return
         pos = np.asarray(ext.out_pos)
         rel = np.asarray([dst.ids[p] for p in ext.out_pos]) - info.first_group - ext.first_row
         # Only requested rows are verified: a run may read through rows nobody asked for.
@@ -637,12 +674,11 @@ class DiskStore:
             if not ok[r]:
                 self._count_checksum_failure(info, info.first_group + ext.first_row + r)
         if self._cipher is not None:
-            return self._open_sealed(sequence, layer, info, ext, view, ok, pos, rel, dst, nread)
+            return self._open_sealed(info, ext, view, ok, pos, rel, dst)
         good = ok[rel]
         src = torch.frombuffer(view, dtype=torch.uint8).view(ext.count, rb)
         dst.rows[torch.from_numpy(pos[good])] = src[torch.from_numpy(rel[good])]
         dst.found[pos[good]] = True
-        return nread
 
     def _verify_in_place(self, ext: _Extent, dest: memoryview, found: np.ndarray) -> None:
         """An extent read straight into the caller's rows: mark the intact ones found."""
@@ -654,20 +690,19 @@ class DiskStore:
         for r in np.flatnonzero(~ok):
             self._count_checksum_failure(info, info.first_group + ext.first_row + int(r))
 
-    def _open_sealed(self, sequence: str, layer: int, info: SegmentInfo, ext: _Extent, view: memoryview,
-                     ok: np.ndarray, pos: np.ndarray, rel: np.ndarray, dst: "_Target", nread: int) -> int:
+    def _open_sealed(self, info: SegmentInfo, ext: _Extent, view: memoryview, ok: np.ndarray, pos: np.ndarray,
+                     rel: np.ndarray, dst: "_Target") -> None:
         rb, gb = self._row_bytes, self.config.group_bytes
         for p, r in zip(pos.tolist(), rel.tolist()):
             if not ok[r]:
                 continue
             gid = info.first_group + ext.first_row + r
-            plain = self._cipher.open(view[r * rb:(r + 1) * rb], _identity(sequence, layer, gid))  # type: ignore[union-attr]
+            plain = self._cipher.open(view[r * rb:(r + 1) * rb], _identity(dst.sequence, dst.layer, gid))  # type: ignore[union-attr]
             if plain is None:
                 self._count_checksum_failure(info, gid)
                 continue
             dst.rows[p, :gb].copy_(torch.frombuffer(bytearray(plain), dtype=torch.uint8))
             dst.found[p] = True
-        return nread
 
     def _count_checksum_failure(self, info: SegmentInfo, gid: int) -> None:
         log.warning("kvswap store: checksum mismatch in %s group %d; not served", info.path, gid)
