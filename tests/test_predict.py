@@ -185,6 +185,28 @@ def test_hysteresis_keeps_near_ties_and_never_the_clearly_better_new_groups() ->
     assert top_groups(scores, 8, [torch.tensor([7])], 3)[0].tolist() == list(range(8))  # already in: unchanged
 
 
+def test_hysteresis_selection_equals_ranking_every_group() -> None:
+    """top_groups ranks only the k + places best; the same as ranking every group (random
+    batches, shorter rows padded with -inf, any previous sets)."""
+    from kvswap_vllm.predict.base import top_groups
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(50):
+        rows, n, k = 4, 40 + trial, 10
+        places = trial % 7 + 1
+        scores = torch.randn(rows, n, generator=g)
+        scores[1, n - 5:] = float("-inf")  # a shorter sequence of the batch
+        previous = [torch.randperm(n - 5, generator=g)[:int(torch.randint(0, 15, (1,), generator=g))]
+                    for _ in range(rows)]
+        previous[2] = None
+        rank = scores.argsort(dim=1, descending=True).argsort(dim=1).float()
+        for row, prev in enumerate(previous):
+            if prev is not None and len(prev):
+                rank[row, prev] -= places + 0.5
+        expected = torch.topk(rank, k, dim=1, largest=False).indices.sort(dim=1).values
+        assert torch.equal(top_groups(scores, k, previous, places), expected)
+
+
 def test_hysteresis_reduces_churn_for_every_predictor(predictor) -> None:
     """A query jittering around one direction: with hysteresis, consecutive selections share at
     least as many groups as without (fewer reads), and still contain the top (k - places)."""

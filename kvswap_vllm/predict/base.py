@@ -168,13 +168,15 @@ def top_groups(scores: torch.Tensor, k: int, previous: list[torch.Tensor | None]
     them). Rank, not score, so every predictor's scale works the same."""
     if places == 0 or all(p is None or not len(p) for p in previous):
         return torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
-    order = scores.argsort(dim=1, descending=True)
-    rank = torch.empty_like(order, dtype=torch.float32)
-    rank.scatter_(1, order, torch.arange(scores.shape[1], dtype=torch.float32).expand_as(rank).contiguous())
-    for row, prev in enumerate(previous):
-        if prev is not None and len(prev):
-            rank[row, prev] -= places + 0.5
-    return torch.topk(rank, k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+    # Only the k + places best can make it (anything below ranks >= k even when favoured), so
+    # ranks are taken among those: a small top-k instead of a sort of every group.
+    rows, n = scores.shape
+    best = torch.topk(scores, min(n, k + places), dim=1, sorted=True).indices
+    favoured = torch.zeros(rows * n, dtype=torch.bool)
+    favoured[torch.cat([p + row * n for row, p in enumerate(previous) if p is not None and len(p)])] = True
+    rank = torch.arange(best.shape[1], dtype=torch.float32) - favoured.view(rows, n).gather(1, best) * (places + 0.5)
+    pick = torch.topk(rank, k, dim=1, largest=False, sorted=False).indices
+    return best.gather(1, pick).sort(dim=1).values
 
 
 def joined(chunks: list[torch.Tensor]) -> torch.Tensor:
