@@ -172,18 +172,23 @@ def test_bad_group_size_is_refused(capsys, value: str) -> None:
     assert "--group-size must be between 1 and the smallest budget" in capsys.readouterr().err
 
 
-def test_decode_reads_measures_every_thread_count_on_real_files(tmp_path: Path) -> None:
+def test_decode_reads_measures_every_engine_and_thread_count_on_real_files(tmp_path: Path) -> None:
     from benchmarks import decode_reads
+    from kvswap_vllm.store import aio
+    from kvswap_vllm.store.fileio import direct_io_supported
 
     out = tmp_path / "reads.json"
     assert decode_reads.main(["--out", str(out), "--threads", "1,3", "--loads", "5", "--context", "800",
-                              "--dir", str(tmp_path)]) == 0
+                              "--batch", "2", "--dir", str(tmp_path)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["threads"] for r in rows] == [1, 3]
-    assert all(r["groups_per_load"] == 16 and r["wall_ms_per_load"] > 0 and r["cpu_us_per_group"] > 0 for r in rows)
+    expected = ([("aio", None)] if aio.available() and direct_io_supported(tmp_path) else []) + \
+        [("threads", 1), ("threads", 3)]
+    assert [(r["engine"], r["threads"]) for r in rows] == expected
+    assert all(r["groups_per_load"] == 32 and r["sequences"] == 2 and r["wall_ms_per_load"] > 0
+               and r["cpu_us_per_group"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("flags", [["--threads", "0"], ["--groups", "999"], ["--loads", "0"]])
+@pytest.mark.parametrize("flags", [["--threads", "0"], ["--groups", "999"], ["--loads", "0"], ["--batch", "0"]])
 def test_decode_reads_refuses_bad_settings(tmp_path: Path, capsys, flags: list[str]) -> None:
     from benchmarks import decode_reads
 
