@@ -141,8 +141,11 @@ class HotTier:
         unavailable = [misses[i] for i, f in enumerate(res.found) if not f]
         target = plan.free[: len(ok)]
         if ok:
-            rows = self._stage[torch.tensor(ok)].to(self.device).permute(2, 1, 0, 3, 4)  # (2, H, n, G, D)
-            self.slots[layer].index_copy_(2, torch.tensor(target, device=self.device), rows)
+            # All read (the common case): the staged rows as they are, no gathering copy.
+            staged = self._stage[:len(ok)] if len(ok) == len(misses) else self._stage[torch.tensor(ok)]
+            two, h, _, g, d = self.slots[layer].shape
+            rows = staged.to(self.device).view(len(ok), h, two, g * d).permute(2, 1, 0, 3)  # (2, H, n, G*D)
+            self.slots[layer].view(two, h, -1, g * d).index_copy_(2, torch.tensor(target, device=self.device), rows)
         for i, slot in zip(ok, target):
             table[misses[i]] = slot
         s = self.stats

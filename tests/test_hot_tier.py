@@ -1,0 +1,60 @@
+"""The hot tier on a real disk tier: loads read only what is not resident, several sequences'
+loads go to the store in one call, and gathers hand out the selected groups' K/V."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvswap_vllm.hot.tier import HotTier
+from kvswap_vllm.store import DiskStore, StoreConfig
+
+FP = "0123456789abcdef" * 2
+
+
+def _store(tmp_path: Path) -> DiskStore:
+    return DiskStore(StoreConfig(root=tmp_path / "kv", model_fingerprint=FP, num_layers=2, num_kv_heads=3,
+                                 head_dim=64, group_size=4))
+
+
+def _kv(groups: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of groups `ids` in that order, as gather returns them: (H, n * G, D)."""
+    g = groups[ids]  # (n, H, 2, G, D)
+    n, h, _, gs, d = g.shape
+    return (g[:, :, 0].transpose(0, 1).reshape(h, n * gs, d), g[:, :, 1].transpose(0, 1).reshape(h, n * gs, d))
+
+
+def test_loads_read_only_misses_and_gathers_hand_out_the_selection(tmp_path: Path) -> None:
+    groups = torch.randn(12, 3, 2, 4, 64)
+    with _store(tmp_path) as store:
+        store.open_sequence("s")
+        store.write_groups("s", 1, 0, groups)
+        hot = HotTier(store, "s", slots_per_layer=4)
+        res = hot.load(1, torch.tensor([0, 1, 2]))  # everything selected: slots fill in group order
+        assert res.read == [0, 1, 2] and res.slots.tolist() == [0, 1, 2]
+        k, v = hot.gather(1, res.slots)
+        assert all(torch.equal(a, b) for a, b in zip((k, v), _kv(groups, [0, 1, 2])))
+        hot.load(1, torch.tensor([0, 1, 2, 3]))
+        res = hot.load(1, torch.tensor([0, 2, 3, 5]))  # group 1 evicted, 5 takes its slot
+        assert res.read == [5] and res.hits == 3 and res.slots.tolist() == [0, 2, 3, 1]
+        k, v = hot.gather(1, res.slots)  # in the order of the selection
+        assert all(torch.equal(a, b) for a, b in zip((k, v), _kv(groups, [0, 2, 3, 5])))
+
+
+def test_several_sequences_load_in_one_store_call(tmp_path: Path) -> None:
+    a, b = torch.randn(10, 3, 2, 4, 64), torch.randn(10, 3, 2, 4, 64)
+    with _store(tmp_path) as store:
+        for name, kv in (("a", a), ("b", b)):
+            store.open_sequence(name)
+            store.write_groups(name, 0, 0, kv)
+        tiers = [HotTier(store, "a", 4), HotTier(store, "b", 4)]
+        calls = []
+        real = store.read_many
+        store.read_many = lambda requests: calls.append(len(requests)) or real(requests)
+        res = HotTier.load_many(tiers, 0, [torch.tensor([1, 4, 7]), torch.tensor([0, 9])])
+        assert calls == [2] and [r.read for r in res] == [[1, 4, 7], [0, 9]]
+        assert torch.equal(tiers[0].gather(0, res[0].slots)[0], _kv(a, [1, 4, 7])[0])
+        assert torch.equal(tiers[1].gather(0, res[1].slots)[1], _kv(b, [0, 9])[1])
+        res = HotTier.load_many(tiers, 0, [torch.tensor([1, 4, 7]), torch.tensor([0, 9])])  # all resident
+        assert calls == [2] and all(r.hits == len(r.groups) and not r.read for r in res)
