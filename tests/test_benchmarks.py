@@ -195,3 +195,17 @@ def test_decode_reads_refuses_bad_settings(tmp_path: Path, capsys, flags: list[s
     with pytest.raises(SystemExit):
         decode_reads.main(["--out", str(tmp_path / "x.json"), "--context", "800", *flags])
     assert "need threads >= 1" in capsys.readouterr().err
+
+
+def test_decode_replay_times_every_part_with_and_without_kernel_aio(tmp_path: Path, default_model: Path) -> None:
+    from benchmarks import decode_replay
+
+    out = tmp_path / "replay.json"
+    assert decode_replay.main(["--out", str(out), "--batch", "2", "--context", "600", "--steps", "2",
+                               "--dir", str(tmp_path)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel_aio"] for r in rows][1:] == [False]  # the first uses AIO where the machine has it
+    for r in rows:
+        assert r["step_s"] > 0 and r["groups_read_per_layer_per_sequence"] > 0
+        assert set(r["parts_s_per_step"]) == {"selection", "reads", "hot-tier bookkeeping", "gather, tail, attention"}
+        assert sum(r["parts_s_per_step"].values()) <= r["step_s"] * 1.5  # parts do not overlap

@@ -1,0 +1,132 @@
+"""KVSwap's side of a vLLM decode step, without the model: where the time goes.
+
+    python -m benchmarks.decode_replay --out results/decode_replay.json [--batch 8] [--context 7000] [--steps 20]
+
+`--batch` sequences of the default model's shape (30 layers, 9 query / 3 KV heads x 64 dims,
+G = 4, M = 400, rank-64 metadata with the model's calibrated adapter) hold `--context` random
+tokens each in a real disk tier. Each step then runs, per layer, what the vLLM backend runs
+for a batch of decoding requests: one batched selection from the queries (near-constant
+queries with noise, so ~80% of a selection stays resident as with the real model), one store
+call for every sequence's missing groups, then per request the hot tier's K/V plus the tail
+and the grouped-query attention. Reported per step (median) and per part (mean): selection,
+reads, hot-tier bookkeeping, gather/tail/attention; the model's own compute is not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from benchmarks import write_json
+from kvswap_vllm.hot import tier
+from kvswap_vllm.models.fingerprint import model_fingerprint
+from kvswap_vllm.models.prepare import default_model_path
+from kvswap_vllm.predict import base as predict_base
+from kvswap_vllm.predict.adapter import adapter_for
+from kvswap_vllm.predict.base import ModelShape, SelectionConfig
+from kvswap_vllm.prefetch.policy import decode_io_threads
+from kvswap_vllm.runtime import sequence as runtime_sequence
+from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence
+from kvswap_vllm.store import DiskStore, StoreConfig
+from kvswap_vllm.store import disk_store as store_module
+from kvswap_vllm.vllm.sparse_attention import _decode_attention
+
+SHAPE = ModelShape(num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64)
+
+
+class Timers:
+    """Seconds spent in wrapped functions, by part."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    def wrap(self, part: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - t0
+        return timed
+
+
+def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    fp = model_fingerprint(default_model_path())
+    adapter = adapter_for("kvswap", fp, SHAPE.head_dim)
+    cfg = StoreConfig(root=root, model_fingerprint=fp, num_layers=SHAPE.num_layers, num_kv_heads=SHAPE.num_kv_heads,
+                      head_dim=SHAPE.head_dim, group_size=4, io_threads=decode_io_threads(8), kernel_aio=kernel_aio)
+    config = DiskRuntimeConfig(SelectionConfig(400, 4), "kvswap", prefetch=False)
+    timers = Timers()
+    patches = [(predict_base, "select_batch", "selection"), (runtime_sequence, "select_batch", "selection"),
+               (store_module.DiskStore, "read_many", "reads"), (tier.HotTier, "_plan", "hot-tier bookkeeping"),
+               (tier.HotTier, "_finish", "hot-tier bookkeeping")]
+    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    for obj, name, part in patches:
+        setattr(obj, name, timers.wrap(part, getattr(obj, name)))
+    try:
+        with DiskStore(cfg) as store:
+            seqs = [KVSwapSequence(store, SHAPE, config, adapter) for _ in range(batch)]
+            for seq in seqs:  # the prompt: full groups on disk, the rest in the tail
+                for layer in range(SHAPE.num_layers):
+                    seq._append(layer, torch.randn(3, context, 64), torch.randn(3, context, 64))
+                    seq._flush(layer, (context // 4) * 4 - 16)
+            store.flush()
+            direct, aio_used = store.stats.direct_io, store.stats.kernel_aio
+            base_q = torch.randn(batch, SHAPE.num_layers, SHAPE.num_q_heads, SHAPE.head_dim) * 2
+            times, warm = [], 3
+            for step in range(steps + warm):
+                if step == warm:
+                    timers.seconds.clear()
+                t0 = time.perf_counter()
+                for layer in range(SHAPE.num_layers):
+                    q = base_q[:, layer] + 0.3 * torch.randn(batch, SHAPE.num_q_heads, SHAPE.head_dim)
+                    KVSwapSequence.submit_batch(seqs, layer, q, ahead=False)
+                    t1 = time.perf_counter()
+                    for i, seq in enumerate(seqs):
+                        kk, vv = seq.decode_kv(layer, torch.randn(3, 1, 64), torch.randn(3, 1, 64), q[i])
+                        _decode_attention(q[i].unsqueeze(1), kk, vv, SHAPE.head_dim ** -0.5)
+                    timers.seconds["gather, tail, attention"] += time.perf_counter() - t1
+                times.append(time.perf_counter() - t0)
+            reads = sum(s.prefetch.stats.by_source["own"].groups_read for s in seqs)
+            for seq in seqs:
+                seq.close()
+    finally:
+        for obj, name, fn in originals:
+            setattr(obj, name, fn)
+    return {"kernel_aio": aio_used, "direct_io": direct, "batch": batch, "context": context, "steps": steps,
+            "step_s": round(statistics.median(times[warm:]), 4),
+            "parts_s_per_step": {k: round(v / steps, 4) for k, v in sorted(timers.seconds.items())},
+            "groups_read_per_layer_per_sequence": round(reads / ((steps + warm) * SHAPE.num_layers * batch), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON output")
+    p.add_argument("--batch", type=int, default=8, help="sequences (default: 8)")
+    p.add_argument("--context", type=int, default=7000, help="tokens per sequence (default: 7000)")
+    p.add_argument("--steps", type=int, default=20, help="decode steps measured (default: 20)")
+    p.add_argument("--dir", type=Path, default=None, help="folder on the device to test (default: a temp folder)")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.context < 500 or args.steps < 1:
+        p.error("need batch >= 1, context >= 500 and steps >= 1")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for kernel_aio in (True, False):
+            rows.append(replay(Path(tmp) / f"aio{int(kernel_aio)}", args.batch, args.context, args.steps, kernel_aio))
+            print(f"decode_replay: kernel_aio={rows[-1]['kernel_aio']}: {rows[-1]['step_s']} s per step, "
+                  f"{rows[-1]['parts_s_per_step']}", flush=True)
+    write_json({"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "rows": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
