@@ -58,3 +58,27 @@ def test_several_sequences_load_in_one_store_call(tmp_path: Path) -> None:
         assert torch.equal(tiers[1].gather(0, res[1].slots)[1], _kv(b, [0, 9])[1])
         res = HotTier.load_many(tiers, 0, [torch.tensor([1, 4, 7]), torch.tensor([0, 9])])  # all resident
         assert calls == [2] and all(r.hits == len(r.groups) and not r.read for r in res)
+
+
+def test_own_query_loads_wait_for_background_loads_and_leave_their_errors_to_them(tmp_path: Path) -> None:
+    """load_now runs after the sequence's background loads (they share its staging buffer); a
+    background load that failed raises where its layer waits, not in another layer's load."""
+    import pytest
+
+    from kvswap_vllm.prefetch.pipeline import LayerPrefetcher
+
+    groups = torch.randn(8, 3, 2, 4, 64)
+    with _store(tmp_path) as store:
+        store.open_sequence("s")
+        for layer in (0, 1):
+            store.write_groups("s", layer, 0, groups)
+        hot = HotTier(store, "s", 4)
+        pre = LayerPrefetcher(hot)
+        real = hot.load
+        hot.load = lambda layer, g: (_ for _ in ()).throw(OSError("disk gone")) if layer == 0 else real(layer, g)
+        pre.submit(0, torch.tensor([1, 2]), "ahead")
+        LayerPrefetcher.load_now([pre], 1, [torch.tensor([3, 5])], ["own"])
+        assert pre.wait(1).read == [3, 5]
+        with pytest.raises(OSError, match="disk gone"):
+            pre.wait(0)
+        pre.close()

@@ -107,7 +107,7 @@ class LayerPrefetcher:
             return
         for p, _, _ in todo:
             if p._last is not None:
-                p._last.result()
+                p._last.exception()  # waits; a failed load raises where its layer waits for it
         t0 = time.perf_counter()
         with torch.inference_mode():  # the slots may be inference tensors
             results = HotTier.load_many([p.hot for p, _, _ in todo], layer, [g for _, g, _ in todo])
