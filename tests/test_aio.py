@@ -51,6 +51,24 @@ def test_each_read_reports_its_own_error_or_short_length(direct_file) -> None:
     assert reads.chunk(0, 4096) == data[:4096] and reads.chunk(3, 1000) == data[64 * 4096:]
 
 
+def test_several_sets_in_flight_each_wait_returns_its_own(direct_file) -> None:
+    """Sets submitted one after another and waited for in any order: each gets its own reads
+    (a queue smaller than both sets together makes the second submit collect the first's)."""
+    fd, data = direct_file
+    reads = AsyncBuffer(24)
+    ctx = aio.AsyncReads(depth=16)
+    offsets = np.random.default_rng(1).permutation(63)[:24] * 4096
+    addresses = reads.addresses(8192)
+    first = ctx.submit(np.full(12, fd), offsets[:12], np.full(12, 8192), addresses[:12])
+    second = ctx.submit(np.full(12, fd), offsets[12:], np.full(12, 8192), addresses[12:])
+    assert ctx.wait(second).tolist() == [8192] * 12 and ctx.wait(first).tolist() == [8192] * 12
+    for i, off in enumerate(offsets.tolist()):
+        assert reads.chunk(i, 8192) == data[off:off + 8192]
+    ctx.close()
+    with pytest.raises(aio.AioError):
+        ctx.submit(np.full(1, fd), offsets[:1], np.full(1, 8192), addresses[:1])
+
+
 class AsyncBuffer:
     """Page-aligned memory for n reads of up to `stride` bytes each."""
 
@@ -87,10 +105,10 @@ def test_store_reads_through_kernel_aio_where_it_can(tmp_path: Path) -> None:
 
 def test_refused_or_short_reads_are_read_again_with_preadv(tmp_path: Path, monkeypatch) -> None:
     """The kernel refusing a read (here: every other one) costs it a second, ordinary read."""
-    real = aio.AsyncReads.read
+    real = aio.AsyncReads.wait
 
-    def flaky(self, fds, offsets, lengths, addresses):
-        got = real(self, fds, offsets, lengths, addresses)
+    def flaky(self, batch):
+        got = real(self, batch)
         got[::2] = -errno.EAGAIN
         return got
 
@@ -100,15 +118,17 @@ def test_refused_or_short_reads_are_read_again_with_preadv(tmp_path: Path, monke
             pytest.skip("the store does not use kernel AIO here")
         s.open_sequence("a", private=False)
         s.write_groups("a", 0, 0, kv)
-        monkeypatch.setattr(aio.AsyncReads, "read", flaky)
+        monkeypatch.setattr(aio.AsyncReads, "wait", flaky)
         ids = [1, 9, 20, 33, 50]
         r = s.read_groups("a", 0, ids)
         assert r.found.all() and torch.equal(r.kv, kv[ids]) and r.extents == 5
 
 
-def test_a_failing_aio_context_switches_the_store_to_threads(tmp_path: Path, monkeypatch, caplog) -> None:
+@pytest.mark.parametrize("step", ["submit", "wait"])
+def test_a_failing_aio_context_switches_the_store_to_threads(tmp_path: Path, monkeypatch, caplog, step) -> None:
     def broken(self, *args):
-        raise aio.AioError(errno.EIO, "io_getevents failed")
+        self.close()  # as the context does when a call fails with reads in flight
+        raise aio.AioError(errno.EIO, f"io_{step} failed")
 
     kv = torch.randn(16, 3, 2, 4, 64)
     with _store(tmp_path) as s:
@@ -116,7 +136,7 @@ def test_a_failing_aio_context_switches_the_store_to_threads(tmp_path: Path, mon
             pytest.skip("the store does not use kernel AIO here")
         s.open_sequence("a", private=False)
         s.write_groups("a", 0, 0, kv)
-        monkeypatch.setattr(aio.AsyncReads, "read", broken)
+        monkeypatch.setattr(aio.AsyncReads, step, broken)
         with caplog.at_level(logging.WARNING, logger="kvswap_vllm.store.disk_store"):
             r = s.read_groups("a", 0, [2, 7])
             r2 = s.read_groups("a", 0, [3])

@@ -80,6 +80,26 @@ def test_one_call_reads_requests_of_several_sequences_and_layers(cfg: StoreConfi
         assert s.stats.read_requests == 4 and s.stats.groups_read == 7 and s.stats.groups_missing == 2
 
 
+def test_read_calls_in_flight_together_each_get_their_groups(cfg: StoreConfig) -> None:
+    """start_reads: several calls started before any is waited for (a batch's halves), waited in
+    any order; one never waited for still unpins its files when dropped."""
+    from kvswap_vllm.store import ReadRequest
+
+    kv = groups(64, seed=3)
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, kv)
+        first = s.start_reads([ReadRequest("a", 0, [1, 9, 10, 40])])
+        second = s.start_reads([ReadRequest("a", 0, [2, 63, 30]), ReadRequest("a", 0, [5])])
+        dropped = s.start_reads([ReadRequest("a", 0, [7, 8])])
+        res2, res1 = second.wait(), first.wait()
+        assert torch.equal(res1[0].kv, kv[[1, 9, 10, 40]]) and res1[0].found.all()
+        assert torch.equal(res2[0].kv, kv[[2, 63, 30]]) and torch.equal(res2[1].kv, kv[[5]])
+        assert first.wait() is res1  # waiting again gives the same results
+        del dropped
+        assert all(seg.pins == 0 for segs in s._segments.values() for seg in segs)
+        assert s.stats.read_requests == 4 and s.stats.groups_read == 10
+
+
 def test_async_writes_are_readable_after_flush(cfg: StoreConfig) -> None:
     kv = groups(40)
     with DiskStore(cfg) as s:

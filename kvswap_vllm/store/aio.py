@@ -33,7 +33,7 @@ IOCB = np.dtype([("data", "<u8"), ("key", "<u4"), ("rw_flags", "<u4"), ("opcode"
                  ("fildes", "<u4"), ("buf", "<u8"), ("nbytes", "<u8"), ("offset", "<i8"), ("reserved2", "<u8"),
                  ("flags", "<u4"), ("resfd", "<u4")])
 EVENT = np.dtype([("data", "<u8"), ("obj", "<u8"), ("res", "<i8"), ("res2", "<i8")])
-#: Reads in flight per context; larger sets go in several rounds.
+#: Reads in flight per context (a larger set waits for room as it is submitted).
 DEFAULT_DEPTH = 256
 
 
@@ -67,9 +67,21 @@ def available() -> bool:
     return _available
 
 
+class AioBatch:
+    """Reads submitted together (`AsyncReads.submit`); `result` per read, bytes read or
+    -errno, is final once `AsyncReads.wait` returned it."""
+
+    __slots__ = ("id", "result", "pending")
+
+    def __init__(self, batch_id: int, n: int) -> None:
+        self.id, self.result, self.pending = batch_id, np.zeros(n, dtype=np.int64), 0
+
+
 class AsyncReads:
-    """One kernel AIO context: `read` issues a set of reads and returns when all are done.
-    Not for concurrent use by several threads (each takes its own context)."""
+    """One kernel AIO context. `submit` issues a set of reads and returns at once; `wait` returns
+    when that set is done; several sets may be in flight (each event names its set), so a
+    caller can compute while its reads run. Not for concurrent use by several threads (each
+    takes its own context)."""
 
     def __init__(self, depth: int = DEFAULT_DEPTH) -> None:
         if _NUMBERS is None:
@@ -79,72 +91,94 @@ class AsyncReads:
         if _LIBC.syscall(_NUMBERS[0], ctypes.c_long(depth), ctypes.byref(self._ctx)) != 0:
             err = ctypes.get_errno()
             raise AioError(err, f"io_setup failed: {os.strerror(err)}")
-        self._iocbs = np.zeros(depth, IOCB)
-        self._iocbs["opcode"] = _IOCB_CMD_PREAD
-        self._ptrs = self._iocbs.ctypes.data + np.arange(depth, dtype=np.uint64) * IOCB.itemsize
         self._events = np.zeros(depth, EVENT)
+        self._batches: dict[int, AioBatch] = {}  # sets with reads in flight
+        self._next_id = 0
 
     def read(self, fds: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, addresses: np.ndarray) -> np.ndarray:
-        """Read lengths[i] bytes at offsets[i] of fds[i] into memory at addresses[i] (O_DIRECT:
-        all 4 KiB-aligned, the memory alive and writable until this returns). Returns per read
-        the bytes read, or -errno for a read the kernel refused or failed."""
-        n = len(fds)
-        out = np.zeros(n, dtype=np.int64)
-        for lo in range(0, n, self.depth):
-            hi = min(n, lo + self.depth)
-            out[lo:hi] = self._round(fds[lo:hi], offsets[lo:hi], lengths[lo:hi], addresses[lo:hi])
-        return out
+        """Read lengths[i] bytes at offsets[i] of fds[i] into memory at addresses[i] and wait
+        (see `submit`). Returns per read the bytes read, or -errno."""
+        return self.wait(self.submit(fds, offsets, lengths, addresses))
 
-    def _round(self, fds: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, addresses: np.ndarray) -> np.ndarray:
+    def submit(self, fds: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, addresses: np.ndarray) -> AioBatch:
+        """Start reading lengths[i] bytes at offsets[i] of fds[i] into memory at addresses[i]
+        (O_DIRECT: all 4 KiB-aligned; the memory alive and writable until `wait` returns). A
+        read the kernel refuses gets -errno at once; when the queue is full, finished events
+        are collected to make room."""
+        if not self._ctx.value:
+            raise AioError(errno.EBADF, "the AIO context is closed")
         n = len(fds)
-        cbs = self._iocbs[:n]
-        cbs["data"] = np.arange(n)
+        self._next_id += 1
+        batch = AioBatch(self._next_id, n)
+        cbs = np.zeros(n, IOCB)  # the kernel copies each iocb when it is submitted
+        cbs["opcode"] = _IOCB_CMD_PREAD
+        cbs["data"] = (batch.id << 32) | np.arange(n, dtype=np.uint64)
         cbs["fildes"], cbs["offset"], cbs["nbytes"], cbs["buf"] = fds, offsets, lengths, addresses
-        res = np.zeros(n, dtype=np.int64)
-        queued = 0
+        ptrs = cbs.ctypes.data + np.arange(n, dtype=np.uint64) * IOCB.itemsize
+        self._batches[batch.id] = batch
+        pos = 0
         try:
-            pos = 0
             while pos < n:
                 # io_submit takes an array of pointers to iocbs
-                got = _LIBC.syscall(_NUMBERS[3], self._ctx, ctypes.c_long(n - pos),
-                                    ctypes.c_void_p(self._ptrs.ctypes.data + pos * self._ptrs.itemsize))
+                got = _LIBC.syscall(_NUMBERS[3], self._ctx, ctypes.c_long(min(n - pos, self.depth)),
+                                    ctypes.c_void_p(ptrs.ctypes.data + pos * ptrs.itemsize))
                 if got > 0:
-                    pos, queued = pos + got, queued + got
+                    pos, batch.pending = pos + got, batch.pending + got
                     continue
                 err = ctypes.get_errno() if got < 0 else errno.EAGAIN
                 if err == errno.EINTR:
                     continue
-                if err == errno.EAGAIN and queued:
-                    self._collect(queued, res)  # let the queue drain, then go on
-                    queued = 0
+                if err == errno.EAGAIN and self._in_flight():
+                    self._reap(1)  # let the queue drain, then go on
                     continue
-                res[pos] = -err  # this read is refused (the caller reads it another way); the others go
+                batch.result[pos] = -err  # this read is refused (the caller reads it another way)
                 pos += 1
-            self._collect(queued, res)
-            queued = 0
-        finally:
-            if queued:  # interrupted (a signal's exception) with reads in flight into caller memory:
-                self.close()  # io_destroy waits for them before anything can free that memory
-        return res
+        except BaseException:
+            self.close()  # reads in flight into caller memory: io_destroy waits for them
+            raise
+        if not batch.pending:
+            del self._batches[batch.id]
+        return batch
 
-    def _collect(self, count: int, res: np.ndarray) -> None:
-        done = 0
-        while done < count:
-            got = _LIBC.syscall(_NUMBERS[2], self._ctx, ctypes.c_long(count - done), ctypes.c_long(count - done),
-                                ctypes.c_void_p(self._events.ctypes.data), None)
-            if got < 0:
-                err = ctypes.get_errno()
-                if err == errno.EINTR:
-                    continue
-                raise AioError(err, f"io_getevents failed: {os.strerror(err)}")
-            ev = self._events[:got]
-            res[ev["data"].astype(np.int64)] = ev["res"]
-            done += got
+    def wait(self, batch: AioBatch) -> np.ndarray:
+        """Per read of `batch`: bytes read, or -errno."""
+        try:
+            while batch.pending:
+                self._reap(batch.pending)
+        except BaseException:
+            self.close()
+            raise
+        return batch.result
+
+    def _in_flight(self) -> int:
+        return sum(b.pending for b in self._batches.values())
+
+    def _reap(self, wanted: int) -> None:
+        """Collect at least min(wanted, in flight) finished reads, of any set."""
+        wanted = min(wanted, self.depth)
+        got = _LIBC.syscall(_NUMBERS[2], self._ctx, ctypes.c_long(wanted), ctypes.c_long(self.depth),
+                            ctypes.c_void_p(self._events.ctypes.data), None)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                return
+            raise AioError(err, f"io_getevents failed: {os.strerror(err)}")
+        ev = self._events[:got]
+        ids, idx = (ev["data"] >> 32).astype(np.int64), (ev["data"] & 0xFFFFFFFF).astype(np.int64)
+        for bid in np.unique(ids).tolist():
+            batch, mine = self._batches[bid], ids == bid
+            batch.result[idx[mine]] = ev["res"][mine]
+            batch.pending -= int(mine.sum())
+            if not batch.pending:
+                del self._batches[bid]
 
     def close(self) -> None:
         if self._ctx.value:
-            _LIBC.syscall(_NUMBERS[1], self._ctx)
+            _LIBC.syscall(_NUMBERS[1], self._ctx)  # waits for reads in flight
             self._ctx = ctypes.c_ulong(0)
+            for batch in self._batches.values():
+                batch.pending = 0
+            self._batches.clear()
 
     def __del__(self) -> None:
         self.close()

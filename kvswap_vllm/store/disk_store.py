@@ -11,6 +11,7 @@ no open sequence uses; a full disk stops writing (one warning) and reads go on.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -171,6 +172,7 @@ class DiskStore:
         self.stats.kernel_aio = self._aio
         self._aio_local = threading.local()  # one AIO context per reading thread
         self._aio_contexts: list[aio.AsyncReads] = []
+        self._scratch: list[mmap.mmap] = []  # AIO read buffers not in use
         self._pool = helper_thread_pool(config.io_threads, "kvswap-io")
         # One writer thread keeps files in submission order; two buffers let the next file be
         # serialised while the previous one is written.
@@ -471,6 +473,12 @@ class DiskStore:
     def read_many(self, requests: Sequence[ReadRequest]) -> list[ReadResult]:
         """`read_groups` for several requests in one call: their reads are issued together (one
         kernel round trip with AIO), e.g. one layer's missing groups of every sequence of a batch."""
+        return self.start_reads(requests).wait()
+
+    def start_reads(self, requests: Sequence[ReadRequest]) -> "PendingReads":
+        """`read_many`, started: with kernel AIO the reads are in flight when this returns, and
+        the caller computes until it needs them (`wait()`, in the same thread); through thread
+        lanes they are done or nearly so."""
         dsts = [_Target(r.sequence, r.layer, r.ids, self._destination(r)) for r in requests]
         t0 = time.perf_counter()
         with self._lock:
@@ -483,30 +491,31 @@ class DiskStore:
             if self._reads_in_flight == 0:
                 self._busy_since = t0
             self._reads_in_flight += 1
-        lanes: list[Future[list[int]]] = []
+        pending = PendingReads(self, dsts, jobs)
         try:
-            self._read_jobs(jobs, lanes)
-        finally:
-            futures_wait(lanes)  # every lane is done before its extents are unpinned
-            with self._lock:
-                for ext, _ in jobs:
-                    ext.seg.pins -= 1
-                now = time.perf_counter()
-                self._reads_in_flight -= 1
-                if self._reads_in_flight == 0:
-                    self.stats.read_busy_s += now - self._busy_since
-        for i, fut in enumerate(lanes, start=1):
-            for (_, d), n in zip(jobs[i::self.config.io_threads], fut.result()):
-                d.nbytes += n
+            pending._finish = self._start_jobs(jobs)
+        except BaseException:
+            pending.wait()  # unpins
+            raise
+        pending.waited_s += time.perf_counter() - t0
+        return pending
+
+    def _end_reads(self, pending: "PendingReads") -> None:
+        """Unpin a finished read call's extents and count it."""
+        dsts, jobs = pending.targets, pending.jobs
         with self._lock:
+            for ext, _ in jobs:
+                ext.seg.pins -= 1
+            self._reads_in_flight -= 1
+            if self._reads_in_flight == 0:
+                self.stats.read_busy_s += time.perf_counter() - self._busy_since
             s = self.stats
             s.read_requests += len(dsts)
             s.extents_read += len(jobs)
             s.bytes_read += sum(d.nbytes for d in dsts)
             s.groups_read += sum(int(d.found.sum()) for d in dsts)
             s.groups_missing += sum(int((~d.found).sum()) for d in dsts)
-            s.read_wait_s += now - t0
-        return [d.result() for d in dsts]
+            s.read_wait_s += pending.waited_s
 
     def _destination(self, r: ReadRequest) -> torch.Tensor:
         shape = (len(r.ids), *self.config.group_shape)
@@ -516,26 +525,45 @@ class DiskStore:
             raise ValueError(f"out must be a contiguous {shape} {self.config.torch_dtype} tensor")
         return r.out
 
-    def _read_jobs(self, jobs: list[tuple[_Extent, "_Target"]], lanes: list[Future[list[int]]]) -> None:
-        """Read each (extent, request) job into its request, adding the bytes read to it. Through
-        kernel AIO when the store uses it; else one lane per I/O thread, each reading its share of
-        jobs in turn (as many reads in flight as threads, without paying a future per extent),
-        the calling thread reading the first lane itself (one hand-off fewer). Lanes other than
-        the first are left in `lanes` (bytes per job) for the caller to wait for."""
+    def _start_jobs(self, jobs: list[tuple[_Extent, "_Target"]]) -> Callable[[], None]:
+        """Start reading each (extent, request) job into its request; returns what finishes them
+        (adding the bytes read to each request). Through kernel AIO when the store uses it; else
+        thread lanes."""
         if self._aio and jobs:
             try:
-                return self._read_async(jobs)
+                return self._start_async(jobs)
             except aio.AioError as exc:
-                log.warning("kvswap store: kernel AIO failed (%s); reading with threads from now on", exc)
-                self._aio = self.stats.kernel_aio = False
-        n = self.config.io_threads
-        lanes += [self._pool.submit(self._read_lane, jobs[i::n]) for i in range(1, min(n, len(jobs)))]
-        for (_, d), got in zip(jobs[::n], self._read_lane(jobs[::n])):
-            d.nbytes += got
+                self._aio_failed(exc)
+        return self._start_lanes(jobs)
 
-    def _read_async(self, jobs: list[tuple[_Extent, "_Target"]]) -> None:
-        """Every job in one kernel AIO round trip: straight into its request's rows where
-        aligned, else into this thread's aligned buffer; an extent the kernel refuses or cuts
+    def _aio_failed(self, exc: aio.AioError) -> None:
+        log.warning("kvswap store: kernel AIO failed (%s); reading with threads from now on", exc)
+        self._aio = self.stats.kernel_aio = False
+
+    def _start_lanes(self, jobs: list[tuple[_Extent, "_Target"]]) -> Callable[[], None]:
+        """One lane per I/O thread, each reading its share of jobs in turn (as many reads in flight
+        as threads, without paying a future per extent); the calling thread reads the first lane
+        itself (one hand-off fewer), the others finish when waited for."""
+        n = self.config.io_threads
+        shares = [jobs[i::n] for i in range(min(n, len(jobs)))]
+        lanes = [self._pool.submit(self._read_lane, share) for share in shares[1:]]
+
+        def finish() -> None:
+            futures_wait(lanes)  # every lane is done before its extents are unpinned
+            for share, lane in zip(shares[1:], lanes):
+                _add_bytes(share, lane.result())
+
+        try:
+            if shares:
+                _add_bytes(shares[0], self._read_lane(shares[0]))
+        except BaseException:
+            futures_wait(lanes)
+            raise
+        return finish
+
+    def _start_async(self, jobs: list[tuple[_Extent, "_Target"]]) -> Callable[[], None]:
+        """Every job in one kernel AIO submission: straight into its request's rows where
+        aligned, else into a scratch buffer of this call; an extent the kernel refuses or cuts
         short is then read the usual way (which reports what cannot be read)."""
         rb = self._row_bytes
         again: list[tuple[_Extent, _Target]] = []
@@ -557,26 +585,53 @@ class DiskStore:
                 span = min(fileio.align_up(offset + length), fileio.align_up(f.size)) - start
                 plans.append(((ext, d), offset, length, start, span, scratch))
                 scratch += span
-        buf = fileio.thread_buffer(scratch)
+        buf = self._take_scratch(scratch)
         at = np.array([p[5] for p in plans], dtype=np.int64)
         in_place = np.array([p[0][1].address + p[0][0].out_start * rb for p in plans], dtype=np.int64)
-        got = self._aio_context().read(
-            np.array([p[0][0].seg.file.fd for p in plans], dtype=np.int64), np.array([p[3] for p in plans], dtype=np.int64),
-            np.array([p[4] for p in plans], dtype=np.int64), np.where(at < 0, in_place, fileio.buffer_address(buf) + at),
-        ).tolist()
-        with torch.inference_mode():
-            for ((ext, d), offset, length, start, _, pos), n in zip(plans, got):
-                if n < offset + length - start:
-                    again.append((ext, d))
-                    continue
-                d.nbytes += n
-                if pos < 0:
-                    self._verify_in_place(ext, d.bytes[ext.out_start * rb:ext.out_start * rb + length], d.found)
-                else:
-                    self._deliver(ext, d, memoryview(buf)[pos + offset - start:][:length])
-            # After every delivery from the buffer: the usual path reuses it.
-            for (ext, d), n in zip(again, self._read_lane(again)):
-                d.nbytes += n
+        ctx = self._aio_context()
+        try:
+            batch = ctx.submit(
+                np.array([p[0][0].seg.file.fd for p in plans], dtype=np.int64),
+                np.array([p[3] for p in plans], dtype=np.int64), np.array([p[4] for p in plans], dtype=np.int64),
+                np.where(at < 0, in_place, fileio.buffer_address(buf) + at))
+        except BaseException:
+            self._give_scratch(buf)
+            raise
+
+        def finish() -> None:
+            try:
+                got = ctx.wait(batch).tolist()
+            except aio.AioError as exc:  # the context is gone, and with it every read in flight
+                self._give_scratch(buf)
+                self._aio_failed(exc)
+                return self._start_lanes(jobs)()
+            with torch.inference_mode():
+                for ((ext, d), offset, length, start, _, pos), n in zip(plans, got):
+                    if n < offset + length - start:
+                        again.append((ext, d))
+                        continue
+                    d.nbytes += n
+                    if pos < 0:
+                        self._verify_in_place(ext, d.bytes[ext.out_start * rb:ext.out_start * rb + length], d.found)
+                    else:
+                        self._deliver(ext, d, memoryview(buf)[pos + offset - start:][:length])
+                self._give_scratch(buf)
+                _add_bytes(again, self._read_lane(again))
+
+        return finish
+
+    def _take_scratch(self, nbytes: int) -> mmap.mmap:
+        """An aligned buffer of at least `nbytes` for one read call (calls in flight together
+        each need their own; returned ones are reused: no page faults after warm-up)."""
+        with self._lock:
+            for i, buf in enumerate(self._scratch):
+                if len(buf) >= nbytes:
+                    return self._scratch.pop(i)
+        return fileio.aligned_buffer(max(nbytes, 1 << 20))
+
+    def _give_scratch(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            self._scratch.append(buf)
 
     def _aio_context(self) -> aio.AsyncReads:
         ctx = getattr(self._aio_local, "ctx", None)
@@ -747,6 +802,44 @@ class DiskStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PendingReads:
+    """A read call started by `DiskStore.start_reads`. Until `wait()` returns, reads may be in
+    flight into the requests' memory, which this object keeps alive; dropped without a wait,
+    it waits first."""
+
+    def __init__(self, store: DiskStore, targets: list[_Target], jobs: list[tuple[_Extent, _Target]]) -> None:
+        self.store, self.targets, self.jobs = store, targets, jobs
+        self._finish: Callable[[], None] | None = None
+        self._results: list[ReadResult] | None = None
+        self.waited_s = 0.0  # the caller's time in start_reads and wait
+
+    def wait(self) -> list[ReadResult]:
+        """Per request, what was read (the same as `read_many`)."""
+        if self._results is None:
+            t0 = time.perf_counter()
+            try:
+                if self._finish is not None:
+                    finish, self._finish = self._finish, None
+                    finish()
+            finally:
+                self.waited_s += time.perf_counter() - t0
+                self._results = [d.result() for d in self.targets]
+                self.store._end_reads(self)
+        return self._results
+
+    def __del__(self) -> None:
+        if self._results is None:
+            try:
+                self.wait()
+            except Exception:  # noqa: BLE001 - nobody is left to report it to
+                pass
+
+
+def _add_bytes(jobs: list[tuple[_Extent, _Target]], got: list[int]) -> None:
+    for (_, d), n in zip(jobs, got):
+        d.nbytes += n
 
 
 def _resolved(value: bool) -> Future[bool]:
