@@ -58,7 +58,13 @@ class Timers:
         return timed
 
 
-def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, seed: int = 0) -> dict:
+def attend(seq: KVSwapSequence, layer: int, q: torch.Tensor, new_kv: torch.Tensor) -> None:
+    """What the vLLM backend does for one decoding request once its groups are resident."""
+    kk, vv = seq.decode_kv(layer, new_kv[0], new_kv[1], q)
+    _decode_attention(q.unsqueeze(1), kk, vv, SHAPE.head_dim ** -0.5)
+
+
+def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, parts: int, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     fp = model_fingerprint(default_model_path())
     adapter = adapter_for("kvswap", fp, SHAPE.head_dim)
@@ -67,7 +73,8 @@ def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, s
     config = DiskRuntimeConfig(SelectionConfig(400, 4), "kvswap", prefetch=False)
     timers = Timers()
     patches = [(predict_base, "select_batch", "selection"), (runtime_sequence, "select_batch", "selection"),
-               (store_module.DiskStore, "read_many", "reads"), (tier.HotTier, "_plan", "hot-tier bookkeeping"),
+               (store_module.DiskStore, "start_reads", "reads"), (store_module.PendingReads, "wait", "reads"),
+               (tier.HotTier, "_plan", "hot-tier bookkeeping"),
                (tier.HotTier, "_finish", "hot-tier bookkeeping")]
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, part in patches:
@@ -89,12 +96,9 @@ def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, s
                 t0 = time.perf_counter()
                 for layer in range(SHAPE.num_layers):
                     q = base_q[:, layer] + 0.3 * torch.randn(batch, SHAPE.num_q_heads, SHAPE.head_dim)
-                    KVSwapSequence.submit_batch(seqs, layer, q, ahead=False)
-                    t1 = time.perf_counter()
-                    for i, seq in enumerate(seqs):
-                        kk, vv = seq.decode_kv(layer, torch.randn(3, 1, 64), torch.randn(3, 1, 64), q[i])
-                        _decode_attention(q[i].unsqueeze(1), kk, vv, SHAPE.head_dim ** -0.5)
-                    timers.seconds["gather, tail, attention"] += time.perf_counter() - t1
+                    new_kv = torch.randn(batch, 2, 3, 1, 64)
+                    runtime_sequence.decode_in_parts(seqs, layer, q, timers.wrap(
+                        "gather, tail, attention", lambda i: attend(seqs[i], layer, q[i], new_kv[i])), parts)
                 times.append(time.perf_counter() - t0)
             reads = sum(s.prefetch.stats.by_source["own"].groups_read for s in seqs)
             for seq in seqs:
@@ -102,7 +106,7 @@ def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, s
     finally:
         for obj, name, fn in originals:
             setattr(obj, name, fn)
-    return {"kernel_aio": aio_used, "direct_io": direct, "batch": batch, "context": context, "steps": steps,
+    return {"kernel_aio": aio_used, "direct_io": direct, "parts": parts, "batch": batch, "context": context, "steps": steps,
             "step_s": round(statistics.median(times[warm:]), 4),
             "parts_s_per_step": {k: round(v / steps, 4) for k, v in sorted(timers.seconds.items())},
             "groups_read_per_layer_per_sequence": round(reads / ((steps + warm) * SHAPE.num_layers * batch), 1)}
@@ -114,16 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="sequences (default: 8)")
     p.add_argument("--context", type=int, default=7000, help="tokens per sequence (default: 7000)")
     p.add_argument("--steps", type=int, default=20, help="decode steps measured (default: 20)")
+    p.add_argument("--parts", type=int, nargs="+", default=[runtime_sequence.DECODE_PARTS],
+                   help="parts a layer's loads are split into (each value a row; default: %(default)s)")
     p.add_argument("--dir", type=Path, default=None, help="folder on the device to test (default: a temp folder)")
     args = p.parse_args(argv)
-    if args.batch < 1 or args.context < 500 or args.steps < 1:
-        p.error("need batch >= 1, context >= 500 and steps >= 1")
+    if args.batch < 1 or args.context < 500 or args.steps < 1 or min(args.parts) < 1:
+        p.error("need batch >= 1, context >= 500, steps >= 1 and parts >= 1")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for kernel_aio in (True, False):
-            rows.append(replay(Path(tmp) / f"aio{int(kernel_aio)}", args.batch, args.context, args.steps, kernel_aio))
-            print(f"decode_replay: kernel_aio={rows[-1]['kernel_aio']}: {rows[-1]['step_s']} s per step, "
-                  f"{rows[-1]['parts_s_per_step']}", flush=True)
+        for kernel_aio, parts in [(True, n) for n in args.parts] + [(False, args.parts[0])]:
+            rows.append(replay(Path(tmp) / f"aio{int(kernel_aio)}-{parts}", args.batch, args.context, args.steps,
+                               kernel_aio, parts))
+            print(f"decode_replay: kernel_aio={rows[-1]['kernel_aio']}, parts={parts}: {rows[-1]['step_s']} s per "
+                  f"step, {rows[-1]['parts_s_per_step']}", flush=True)
     write_json({"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "rows": rows}, args.out)
     return 0
 

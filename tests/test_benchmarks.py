@@ -202,9 +202,10 @@ def test_decode_replay_times_every_part_with_and_without_kernel_aio(tmp_path: Pa
 
     out = tmp_path / "replay.json"
     assert decode_replay.main(["--out", str(out), "--batch", "2", "--context", "600", "--steps", "2",
-                               "--dir", str(tmp_path)]) == 0
+                               "--parts", "1", "2", "--dir", str(tmp_path)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["kernel_aio"] for r in rows][1:] == [False]  # the first uses AIO where the machine has it
+    assert [r["kernel_aio"] for r in rows][2:] == [False]  # the first two use AIO where the machine has it
+    assert [r["parts"] for r in rows] == [1, 2, 1]
     for r in rows:
         assert r["step_s"] > 0 and r["groups_read_per_layer_per_sequence"] > 0
         assert set(r["parts_s_per_step"]) == {"selection", "reads", "hot-tier bookkeeping", "gather, tail, attention"}

@@ -50,8 +50,8 @@ def test_several_sequences_load_in_one_store_call(tmp_path: Path) -> None:
             store.write_groups(name, 0, 0, kv)
         tiers = [HotTier(store, "a", 4), HotTier(store, "b", 4)]
         calls = []
-        real = store.read_many
-        store.read_many = lambda requests: calls.append(len(requests)) or real(requests)
+        real = store.start_reads
+        store.start_reads = lambda requests: calls.append(len(requests)) or real(requests)
         res = HotTier.load_many(tiers, 0, [torch.tensor([1, 4, 7]), torch.tensor([0, 9])])
         assert calls == [2] and [r.read for r in res] == [[1, 4, 7], [0, 9]]
         assert torch.equal(tiers[0].gather(0, res[0].slots)[0], _kv(a, [1, 4, 7])[0])

@@ -308,3 +308,50 @@ def test_a_right_prediction_needs_no_second_load(tmp_path: Path) -> None:
         by = seq.prefetch.stats.by_source
         assert by["ahead"].loads == 1 and by["exact"].loads == 0 and by["ahead"].groups_useful == 4
         seq.close()
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_decode_in_parts_attends_each_sequence_to_its_exact_selection(tmp_path: Path, parts: int, monkeypatch) -> None:
+    """A batch's own-query loads in parts: each sequence attends to the groups its own query
+    selects (as one batched load would give), in batch order, and every part but the first has
+    its reads started before the part ahead of it attends (the overlap)."""
+    from kvswap_vllm.predict.base import create_predictor
+    from kvswap_vllm.runtime.sequence import KVSwapSequence, decode_in_parts
+
+    shape = ModelShape(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = StoreConfig(root=tmp_path, model_fingerprint="ab" * 16, num_layers=1, num_kv_heads=2, head_dim=8, group_size=4)
+    gen = torch.Generator().manual_seed(3)
+    k_all, v_all = torch.randn(5, 2, 65, 8, generator=gen), torch.randn(5, 2, 65, 8, generator=gen)
+    queries = torch.randn(5, 4, 8, generator=gen)
+    events: list[str] = []
+    real_start = KVSwapSequence.start_batch
+    monkeypatch.setattr(KVSwapSequence, "start_batch", staticmethod(
+        lambda seqs, layer, q: events.append(f"start {len(seqs)}") or real_start(seqs, layer, q)))
+    with DiskStore(cfg) as store:
+        config = DiskRuntimeConfig(SelectionConfig(16, 4), "quest", flush_groups=2)
+        seqs = [KVSwapSequence(store, shape, config) for _ in range(5)]
+        for i, seq in enumerate(seqs):
+            seq.prefill_attention(0, torch.randn(4, 64, 8), k_all[i, :, :64], v_all[i, :, :64], 1.0)
+        store.flush()
+        got: dict[int, torch.Tensor] = {}
+
+        def attend(i: int) -> None:
+            events.append(f"attend {i}")
+            got[i] = seqs[i].decode_kv(0, k_all[i, :, 64:65], v_all[i, :, 64:65])[0]
+
+        decode_in_parts(seqs, 0, queries, attend, parts)
+        for i in range(5):
+            oracle = create_predictor("quest", shape, config.selection)
+            oracle.append_groups(0, k_all[i, :, :64].transpose(0, 1).reshape(16, 4, 2, 8))
+            ids = oracle.select(0, queries[i])
+            assert torch.equal(got[i][:, :-1], k_all[i][:, (ids.view(-1, 1) * 4 + torch.arange(4)).flatten()])
+        attends = [e for e in events if e.startswith("attend")]
+        assert attends == [f"attend {i}" for i in range(5)]
+        starts = [i for i, e in enumerate(events) if e.startswith("start")]
+        sizes = [int(events[i].split()[1]) for i in starts]
+        assert len(starts) == parts and sum(sizes) == 5
+        first_rows = [sum(sizes[:k]) for k in range(parts)]
+        for k in range(1, parts):  # part k's reads start before part k - 1 attends
+            assert starts[k] < events.index(f"attend {first_rows[k - 1]}")
+        for seq in seqs:
+            seq.close()

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from kvswap_vllm.errors import KVSwapError
-from kvswap_vllm.store.disk_store import DiskStore, ReadRequest, ReadResult
+from kvswap_vllm.store.disk_store import DiskStore, PendingReads, ReadRequest, ReadResult
 from kvswap_vllm.store.fileio import aligned_tensor
 
 
@@ -108,15 +108,19 @@ class HotTier:
     def load_many(tiers: list["HotTier"], layer: int, groups: list[torch.Tensor]) -> list[LoadResult]:
         """`load` for several hot tiers of one store (a batch's sequences) at once: all their
         reads go to the store in one call (one kernel round trip with AIO)."""
+        return HotTier.start_many(tiers, layer, groups).finish()
+
+    @staticmethod
+    def start_many(tiers: list["HotTier"], layer: int, groups: list[torch.Tensor]) -> "PendingLoad":
+        """`load_many`, started: the reads are in flight (with kernel AIO) until `finish()`, which
+        the same thread calls before it uses these tiers again."""
         if any(t.store is not tiers[0].store for t in tiers):
             raise ValueError("hot tiers loaded together must share one store")
         plans = [t._plan(layer, g) for t, g in zip(tiers, groups)]
         requests = [t._requests(layer, p.misses, t._stage[:len(p.misses)]) if p.misses else []
                     for t, p in zip(tiers, plans)]
         flat = [r for rs in requests for r in rs]
-        results = iter(tiers[0].store.read_many(flat) if flat else ())
-        return [t._finish(layer, p, ReadResult.joined([next(results) for _ in rs], t._stage[:len(p.misses)]))
-                for t, p, rs in zip(tiers, plans, requests)]
+        return PendingLoad(tiers, layer, plans, requests, tiers[0].store.start_reads(flat) if flat else None)
 
     def _plan(self, layer: int, groups: torch.Tensor) -> _Plan:
         """Which selected groups to read, and the slots they may take (evicting what is no
@@ -162,3 +166,17 @@ class HotTier:
         g = self.slots[layer].index_select(2, slots.to(self.device))  # (2, H, n, G, D), contiguous
         _, h, n, gs, d = g.shape
         return g[0].view(h, n * gs, d), g[1].view(h, n * gs, d)
+
+
+class PendingLoad:
+    """Loads of several hot tiers whose reads are in flight (HotTier.start_many)."""
+
+    def __init__(self, tiers: list[HotTier], layer: int, plans: list[_Plan], requests: list[list[ReadRequest]],
+                 reads: PendingReads | None) -> None:
+        self.tiers, self.layer, self.plans, self.requests, self.reads = tiers, layer, plans, requests, reads
+
+    def finish(self) -> list[LoadResult]:
+        """Wait for the reads and put what was read into the slots; per tier, what its load did."""
+        results = iter(self.reads.wait() if self.reads is not None else ())
+        return [t._finish(self.layer, p, ReadResult.joined([next(results) for _ in rs], t._stage[:len(p.misses)]))
+                for t, p, rs in zip(self.tiers, self.plans, self.requests)]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvswap_vllm.hot.tier import HotTier, LoadResult
+from kvswap_vllm.hot.tier import HotTier, LoadResult, PendingLoad
 from kvswap_vllm.resources import helper_thread_pool
 
 SOURCES = ("step", "ahead", "own", "exact")
@@ -102,22 +102,21 @@ class LayerPrefetcher:
         away, where a background thread would only add a hand-off per sequence and, on a small
         CPU, take the GIL from the forward pass. Each prefetcher's earlier loads finish first
         (they share its staging buffer); `wait(layer)` then returns at once."""
+        LayerPrefetcher.start_now(prefetchers, layer, groups, sources).finish()
+
+    @staticmethod
+    def start_now(prefetchers: list["LayerPrefetcher"], layer: int, groups: list[torch.Tensor],
+                  sources: list[str]) -> "OwnLoads":
+        """`load_now`, started: its reads are in flight (with kernel AIO) while the caller goes on;
+        `finish()` of the result, in the same thread, before the layer waits for them."""
         todo = [(p, g, src) for p, g, src in zip(prefetchers, groups, sources) if p._counts(layer, g, src)]
-        if not todo:
-            return
         for p, _, _ in todo:
             if p._last is not None:
                 p._last.exception()  # waits; a failed load raises where its layer waits for it
         t0 = time.perf_counter()
         with torch.inference_mode():  # the slots may be inference tensors
-            results = HotTier.load_many([p.hot for p, _, _ in todo], layer, [g for _, g, _ in todo])
-        seconds = time.perf_counter() - t0
-        for (p, g, src), res in zip(todo, results):
-            p._record(layer, src, res, seconds)
-            p.stats.wait_s[layer] += seconds  # the layer waits for all of it
-            done: Future[LoadResult] = Future()
-            done.set_result(res)
-            p._pending[layer], p._pending_groups[layer] = done, g
+            pending = HotTier.start_many([p.hot for p, _, _ in todo], layer, [g for _, g, _ in todo]) if todo else None
+        return OwnLoads(todo, layer, pending, t0, time.perf_counter() - t0)
 
     def _counts(self, layer: int, groups: torch.Tensor, source: str) -> bool:
         """Whether a load of `groups` is needed (counted as one of `source`), or the pending one is it."""
@@ -163,3 +162,26 @@ class LayerPrefetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class OwnLoads:
+    """Loads started by LayerPrefetcher.start_now."""
+
+    def __init__(self, todo: list[tuple[LayerPrefetcher, torch.Tensor, str]], layer: int,
+                 pending: PendingLoad | None, started: float, blocked_s: float) -> None:
+        self.todo, self.layer, self.pending, self.started, self.blocked_s = todo, layer, pending, started, blocked_s
+
+    def finish(self) -> None:
+        """Wait for the reads and fill the slots; each layer's `wait` then returns at once."""
+        if self.pending is None:
+            return
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            results = self.pending.finish()
+        end = time.perf_counter()
+        for (p, g, src), res in zip(self.todo, results):
+            p._record(self.layer, src, res, end - self.started)
+            p.stats.wait_s[self.layer] += self.blocked_s + end - t0  # what the caller waited of it
+            done: Future[LoadResult] = Future()
+            done.set_result(res)
+            p._pending[self.layer], p._pending_groups[self.layer] = done, g

@@ -13,7 +13,7 @@ go to the host for selection and full groups go to the host once, when written.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ from kvswap_vllm.attention.blockwise import BlockwiseSoftmax, attention_with_lse
 from kvswap_vllm.hot.tier import HotTier
 from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor, select_batch
 from kvswap_vllm.predict.persisted import rows_from_aux, rows_to_aux
-from kvswap_vllm.prefetch.pipeline import LayerPrefetcher
+from kvswap_vllm.prefetch.pipeline import LayerPrefetcher, OwnLoads
 from kvswap_vllm.resources import trim_heap
 from kvswap_vllm.store.disk_store import DiskStore, ReadRequest, ReadResult
 from kvswap_vllm.store.fileio import aligned_tensor
@@ -240,14 +240,25 @@ class KVSwapSequence:
         """`submit` for several sequences (same config, one store) at once: queries
         (len(seqs), q_heads, d), selected together (see predict.base.select_batch); loads from
         own queries go to the store together."""
+        if not ahead:
+            return KVSwapSequence.start_batch(seqs, layer, queries).finish()
+        groups, sources = KVSwapSequence._select(seqs, layer, queries, ahead=True)
+        for seq, ids, source in zip(seqs, groups, sources):
+            seq.prefetch.submit(layer, ids, source)
+
+    @staticmethod
+    def start_batch(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor) -> OwnLoads:
+        """`submit_batch` from the sequences' own queries, started: the loads' reads are in flight
+        (with kernel AIO) until `finish()` of the result, which comes before the layer attends."""
+        groups, sources = KVSwapSequence._select(seqs, layer, queries, ahead=False)
+        return LayerPrefetcher.start_now([s.prefetch for s in seqs], layer, groups, sources)
+
+    @staticmethod
+    def _select(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor,
+                ahead: bool) -> tuple[list[torch.Tensor], list[str]]:
         queries = queries.to("cpu")  # the predictor's metadata is in host memory
         groups = select_batch([s.predictor for s in seqs], layer, queries, [s._attended[layer] for s in seqs])
-        sources = [seq._note_selection(layer, query, ahead) for seq, query in zip(seqs, queries)]
-        if ahead:
-            for seq, ids, source in zip(seqs, groups, sources):
-                seq.prefetch.submit(layer, ids, source)
-        else:
-            LayerPrefetcher.load_now([s.prefetch for s in seqs], layer, groups, sources)
+        return groups, [seq._note_selection(layer, query, ahead) for seq, query in zip(seqs, queries)]
 
     def needs_selection(self, layer: int) -> bool:
         """`layer` still has to select from its own query this step: nothing is submitted for it
@@ -359,3 +370,29 @@ class KVSwapSequence:
         self.store.release_sequence(self.name)
         for run in self.prefix:
             self.store.release_sequence(run.sequence)
+
+
+#: A batch's own-query loads of a layer go in this many parts (see decode_in_parts).
+DECODE_PARTS = 2
+
+
+def decode_in_parts(seqs: list[KVSwapSequence], layer: int, queries: torch.Tensor,
+                    attend: Callable[[int], None], parts: int = DECODE_PARTS) -> None:
+    """Select `layer`'s groups of each sequence from its own query (queries[i]), load them and
+    call `attend(i)` once sequence i's are resident, in `parts` consecutive parts of the batch:
+    a part's reads are in flight while the next part selects and the previous one attends, so on
+    a CPU that scores and attends, the disk's time hides behind that work."""
+    bounds = np.linspace(0, len(seqs), min(parts, len(seqs)) + 1).round().astype(int).tolist()
+    started: list[tuple[range, OwnLoads]] = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        started.append((range(lo, hi), KVSwapSequence.start_batch(seqs[lo:hi], layer, queries[lo:hi])))
+        if len(started) > 1:
+            _attend_part(*started[-2], attend)
+    if started:
+        _attend_part(*started[-1], attend)
+
+
+def _attend_part(rows: range, loads: OwnLoads, attend: Callable[[int], None]) -> None:
+    loads.finish()
+    for i in rows:
+        attend(i)

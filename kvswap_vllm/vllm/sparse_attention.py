@@ -35,7 +35,7 @@ from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.predict.adapter import adapter_for
 from kvswap_vllm.predict.base import ModelShape, SelectionConfig
 from kvswap_vllm.resources import return_freed_memory_promptly, trim_heap
-from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence, Persistence, PrefixRun
+from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence, Persistence, PrefixRun, decode_in_parts
 from kvswap_vllm.store import DiskStore
 from kvswap_vllm.store.errors import MissingGroupsError
 from kvswap_vllm.store.profiles import get_profile
@@ -184,23 +184,39 @@ class SparseRuntime:
             self.steps += 1
             self._track_memory()
         out = output[:meta.num_actual_tokens].view(-1, self.shape.num_q_heads, self.shape.head_dim)
-        self._select_own(layer, query, view)
-        for s, e, context, first in view.requests:
-            if first in self._failed and context > 0:
-                continue  # vLLM discards this step of the request and recomputes it
-            seq = self._sequence(first, context, layer)
-            q, k, v = query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
-            try:
-                if e - s == 1 and context > 0:
-                    kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
-                    o = _decode_attention(q, kk, vv, scale)
-                else:
-                    o = seq.prefill_attention(layer, q, k, v, scale, seed_prefetch=True)
-            except (KVSwapError, OSError, RuntimeError) as exc:
-                self._fail(first, context, exc)
-                continue
-            out[s:e] = o.transpose(0, 1)
+
+        def run(request: tuple[int, int, int, int]) -> None:
+            self._attend_request(layer, request, query, key, value, out, scale)
+
+        own = self._own_rows(layer, view)
+        if own:  # selected and loaded in parts, each part's reads hidden behind other parts' work
+            decode_in_parts([seq for _, seq in own], layer, query[torch.tensor([r[0] for r, _ in own])],
+                            lambda i: run(own[i][0]))
+        done = {r[0] for r, _ in own}
+        for request in view.requests:
+            if request[0] not in done:
+                run(request)
         return output
+
+    def _attend_request(self, layer: int, request: tuple[int, int, int, int], query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+        """One request's rows s:e of this layer: a decode token to its selection + tail, a prefill
+        chunk densely to everything so far."""
+        s, e, context, first = request
+        if first in self._failed and context > 0:
+            return  # vLLM discards this step of the request and recomputes it
+        seq = self._sequence(first, context, layer)
+        q, k, v = query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
+        try:
+            if e - s == 1 and context > 0:
+                kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
+                o = _decode_attention(q, kk, vv, scale)
+            else:
+                o = seq.prefill_attention(layer, q, k, v, scale, seed_prefetch=True)
+        except (KVSwapError, OSError, RuntimeError) as exc:
+            self._fail(first, context, exc)
+            return
+        out[s:e] = o.transpose(0, 1)
 
     def _account_step_io(self, view: "_StepView") -> None:
         """Close the previous step's I/O account and open this step's: the disk tier's read busy
@@ -212,15 +228,12 @@ class SparseRuntime:
         pure_decode = bool(view.requests) and len(view.decoding) == len(view.requests)
         self._io_since = busy if pure_decode else None
 
-    def _select_own(self, layer: int, query: torch.Tensor, view: "_StepView") -> None:
+    def _own_rows(self, layer: int, view: "_StepView") -> list[tuple[tuple[int, int, int, int], KVSwapSequence]]:
         """Decoding requests with no selection for this layer yet (layers 0-1, or every layer
-        without layer-ahead) select from their own queries, all together."""
-        rows = [(row, seq) for row, key in view.decoding
+        without layer-ahead): they select from their own queries, all together."""
+        return [(request, seq) for request, key in view.decoding
                 if key not in self._failed and (seq := self._seqs.get(key)) is not None
                 and seq.needs_selection(layer) and seq.length(layer) > 0]
-        if rows:
-            queries = query[torch.tensor([r for r, _ in rows])]
-            KVSwapSequence.submit_batch([seq for _, seq in rows], layer, queries, ahead=False)
 
     def _fail(self, key: int, context: int, exc: BaseException) -> None:
         """The disk tier lost part of a request's KV (a damaged or evicted file, an I/O error):
@@ -246,7 +259,7 @@ class SparseRuntime:
         if meta is None:
             return
         view = self._view(meta)
-        rows = [(row, key) for row, key in view.decoding if key in self._seqs]
+        rows = [(request[0], key) for request, key in view.decoding if key in self._seqs]
         if not rows:
             return
         queries = predict(torch.tensor([r for r, _ in rows]))
@@ -292,8 +305,8 @@ class _StepView:
         first_blocks = meta.block_table[:, 0].tolist()
         self.requests = [(starts[i], starts[i + 1], seq_lens[i] - (starts[i + 1] - starts[i]), first_blocks[i])
                          for i in range(len(seq_lens)) if starts[i + 1] > starts[i]]
-        # (row, first block) of each request decoding one token.
-        self.decoding = [(s, first) for s, e, context, first in self.requests if e - s == 1 and context > 0]
+        # (request, first block) of each request decoding one token.
+        self.decoding = [(r, r[3]) for r in self.requests if r[1] - r[0] == 1 and r[2] > 0]
 
 
 def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> SparseRuntime:
