@@ -43,10 +43,11 @@ SHAPE = ModelShape(num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64)
 
 
 class Timers:
-    """Seconds spent in wrapped functions, by part."""
+    """Seconds spent in wrapped functions, by (variant running, part)."""
 
     def __init__(self) -> None:
-        self.seconds: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.Counter[tuple[int, str]] = collections.Counter()
+        self.variant = 0
 
     def wrap(self, part: str, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
@@ -54,7 +55,7 @@ class Timers:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[part] += time.perf_counter() - t0
+                self.seconds[self.variant, part] += time.perf_counter() - t0
         return timed
 
 
@@ -64,7 +65,10 @@ def attend(seq: KVSwapSequence, layer: int, q: torch.Tensor, new_kv: torch.Tenso
     _decode_attention(q.unsqueeze(1), kk, vv, SHAPE.head_dim ** -0.5)
 
 
-def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, parts: int, seed: int = 0) -> dict:
+def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, parts: list[int],
+           seed: int = 0) -> list[dict]:
+    """One row per value of `parts`, the values taking turns step by step on the same sequences
+    (so a noisy machine's slow spells fall on all of them alike)."""
     torch.manual_seed(seed)
     fp = model_fingerprint(default_model_path())
     adapter = adapter_for("kvswap", fp, SHAPE.head_dim)
@@ -89,27 +93,31 @@ def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, p
             store.flush()
             direct, aio_used = store.stats.direct_io, store.stats.kernel_aio
             base_q = torch.randn(batch, SHAPE.num_layers, SHAPE.num_q_heads, SHAPE.head_dim) * 2
-            times, warm = [], 3
+            times: dict[int, list[float]] = {n: [] for n in parts}
+            warm = 3
             for step in range(steps + warm):
-                if step == warm:
-                    timers.seconds.clear()
-                t0 = time.perf_counter()
-                for layer in range(SHAPE.num_layers):
-                    q = base_q[:, layer] + 0.3 * torch.randn(batch, SHAPE.num_q_heads, SHAPE.head_dim)
-                    new_kv = torch.randn(batch, 2, 3, 1, 64)
-                    runtime_sequence.decode_in_parts(seqs, layer, q, timers.wrap(
-                        "gather, tail, attention", lambda i: attend(seqs[i], layer, q[i], new_kv[i])), parts)
-                times.append(time.perf_counter() - t0)
+                for n in parts:
+                    timers.variant = n
+                    if step == warm:
+                        timers.seconds = collections.Counter({k: v for k, v in timers.seconds.items() if k[0] != n})
+                    t0 = time.perf_counter()
+                    for layer in range(SHAPE.num_layers):
+                        q = base_q[:, layer] + 0.3 * torch.randn(batch, SHAPE.num_q_heads, SHAPE.head_dim)
+                        new_kv = torch.randn(batch, 2, 3, 1, 64)
+                        runtime_sequence.decode_in_parts(seqs, layer, q, timers.wrap(
+                            "gather, tail, attention", lambda i: attend(seqs[i], layer, q[i], new_kv[i])), n)
+                    times[n].append(time.perf_counter() - t0)
             reads = sum(s.prefetch.stats.by_source["own"].groups_read for s in seqs)
             for seq in seqs:
                 seq.close()
     finally:
         for obj, name, fn in originals:
             setattr(obj, name, fn)
-    return {"kernel_aio": aio_used, "direct_io": direct, "parts": parts, "batch": batch, "context": context, "steps": steps,
-            "step_s": round(statistics.median(times[warm:]), 4),
-            "parts_s_per_step": {k: round(v / steps, 4) for k, v in sorted(timers.seconds.items())},
-            "groups_read_per_layer_per_sequence": round(reads / ((steps + warm) * SHAPE.num_layers * batch), 1)}
+    per_layer = round(reads / ((steps + warm) * len(parts) * SHAPE.num_layers * batch), 1)
+    return [{"kernel_aio": aio_used, "direct_io": direct, "parts": n, "batch": batch, "context": context, "steps": steps,
+             "step_s": round(statistics.median(times[n][warm:]), 4),
+             "parts_s_per_step": {k: round(v / steps, 4) for (m, k), v in sorted(timers.seconds.items()) if m == n},
+             "groups_read_per_layer_per_sequence": per_layer} for n in parts]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,18 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=7000, help="tokens per sequence (default: 7000)")
     p.add_argument("--steps", type=int, default=20, help="decode steps measured (default: 20)")
     p.add_argument("--parts", type=int, nargs="+", default=[runtime_sequence.DECODE_PARTS],
-                   help="parts a layer's loads are split into (each value a row; default: %(default)s)")
+                   help="parts a layer's loads are split into (each value a row, taking turns step by step; "
+                   "default: %(default)s)")
     p.add_argument("--dir", type=Path, default=None, help="folder on the device to test (default: a temp folder)")
     args = p.parse_args(argv)
     if args.batch < 1 or args.context < 500 or args.steps < 1 or min(args.parts) < 1:
         p.error("need batch >= 1, context >= 500, steps >= 1 and parts >= 1")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for kernel_aio, parts in [(True, n) for n in args.parts] + [(False, args.parts[0])]:
-            rows.append(replay(Path(tmp) / f"aio{int(kernel_aio)}-{parts}", args.batch, args.context, args.steps,
-                               kernel_aio, parts))
-            print(f"decode_replay: kernel_aio={rows[-1]['kernel_aio']}, parts={parts}: {rows[-1]['step_s']} s per "
-                  f"step, {rows[-1]['parts_s_per_step']}", flush=True)
+        for kernel_aio, parts in ((True, args.parts), (False, args.parts[:1])):
+            rows += replay(Path(tmp) / f"aio{int(kernel_aio)}", args.batch, args.context, args.steps, kernel_aio, parts)
+            for row in rows[-len(parts):]:
+                print(f"decode_replay: kernel_aio={row['kernel_aio']}, parts={row['parts']}: {row['step_s']} s per "
+                      f"step, {row['parts_s_per_step']}", flush=True)
     write_json({"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "rows": rows}, args.out)
     return 0
 

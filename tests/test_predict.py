@@ -148,21 +148,36 @@ def test_batched_selection_equals_one_by_one(predictor) -> None:
     assert together[1].tolist() == [0, 1, 2, 3, 4]
 
 
-def test_headwise_scores_are_each_heads_estimated_attention_mass() -> None:
+@pytest.fixture(params=[torch.float16, torch.bfloat16])
+def score_dtype(request, monkeypatch) -> torch.dtype:
+    """Both ways low-rank keys are kept and multiplied (lowrank.SCORE_DTYPE, chosen per CPU)."""
+    from kvswap_vllm.predict import lowrank
+
+    monkeypatch.setattr(lowrank, "SCORE_DTYPE", request.param)
+    return request.param
+
+
+def test_headwise_scores_are_each_heads_estimated_attention_mass(score_dtype: torch.dtype) -> None:
     """kvswap: per query head, softmax over tokens of q_lr . k_lr (its KV head's slice of the
-    joint basis); a group's score sums its tokens' mass over heads."""
+    joint basis); a group's score sums its tokens' mass over heads. Keys kept in float16 are
+    multiplied in float32; kept in bfloat16, multiplied in bfloat16 (the query too), their
+    products rounded to bfloat16 and the softmax in float32."""
     adapter = random_adapter()
     p = create_predictor("kvswap", SHAPE, SEL, adapter)
     k = keys(12)
     p.append_groups(0, k)
     q = torch.randn(6, 16)
     a = adapter.joint[0].view(2, 16, -1)
-    k_lr = (k.reshape(48, 32) @ adapter.joint[0]).half().float()  # (tokens, r), stored in float16
+    k_lr = (k.reshape(48, 32) @ adapter.joint[0]).half().to(score_dtype).float()  # (tokens, r) as kept
+    bf16 = score_dtype == torch.bfloat16
     mass = torch.zeros(48)
     for h in range(6):
-        q_lr = q[h] @ a[h // 3]
-        mass += torch.softmax(k_lr @ q_lr * 16**-0.5, dim=0)
-    torch.testing.assert_close(p.score(0, q), mass.view(12, 4).sum(dim=1), rtol=1e-5, atol=1e-6)
+        q_lr = q[h] @ a[h // 3] * 16**-0.5
+        logits = k_lr @ (q_lr.bfloat16().float() if bf16 else q_lr)
+        mass += torch.softmax(logits.bfloat16().float() if bf16 else logits, dim=0)
+    tol = dict(rtol=2e-2, atol=1e-3) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p.score(0, q), mass.view(12, 4).sum(dim=1), **tol)
+    assert p._rows(0).dtype == score_dtype
 
 
 def test_hysteresis_keeps_near_ties_and_never_the_clearly_better_new_groups() -> None:
@@ -237,9 +252,9 @@ def test_bad_hysteresis_is_refused(bad) -> None:
         SelectionConfig(budget_tokens=32, group_size=4, hysteresis=bad)
 
 
-def test_kvswap_with_a_lossless_basis_scores_as_the_oracle() -> None:
+def test_kvswap_with_a_lossless_basis_scores_as_the_oracle(score_dtype: torch.dtype) -> None:
     """With a full-rank basis (A A^T = I) the low-rank keys lose nothing: kvswap's scores are the
-    oracle's (exact keys) up to the float16 the low-rank keys are kept in."""
+    oracle's (exact keys) up to the half precision the low-rank keys are kept in."""
     full = SHAPE.num_kv_heads * SHAPE.head_dim
     lowrank = create_predictor("kvswap", SHAPE, SEL, random_adapter(rank=full))
     oracle = create_predictor("oracle", SHAPE, SEL)
