@@ -365,6 +365,15 @@ def plan_cases(contexts: list[int], batches: list[int], profiles: list[str], sys
             for m in budgets if not (sys_ in STOCK and (prof != profiles[0] or m != budgets[0]))]
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One case's row from its runs: the run with the median step time (the lower of the two
+    middle ones), with every run's step_s; a single run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    ordered = sorted(runs, key=lambda r: (r.get("step_s") is None, r.get("step_s") or 0.0))
+    return {**ordered[(len(runs) - 1) // 2], "runs_step_s": [r.get("step_s") for r in runs]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm",
@@ -392,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="--engine hf: cpu (default), cuda or cuda:N (vLLM runs where it was built for)")
     p.add_argument("--gguf", type=Path, default=None,
                    help=f"system {LLAMACPP}: the model's GGUF (default: the one it was prepared from)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every case this many times, the cases taking turns (a noisy machine's slow spells then "
+                        "fall on every system alike); a row has the figures of its median run and each run's step_s")
     p.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -408,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown profile(s) {', '.join(bad)}; known: {NATIVE}, {', '.join(PROFILES)}")
     if args.device != "cpu" and args.engine != "hf":
         p.error("--device is for --engine hf; vLLM runs on the platform it was built for")
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.split_io and not os.path.isdir(RAM_DIR):
         p.error(f"--split-io keeps a disk tier in RAM under {RAM_DIR}, which this machine lacks")
     model = args.model or default_model_path()
@@ -421,18 +435,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--group-size must be between 1 and the smallest budget ({min(budgets)}), got {args.group_size}")
     cases = plan_cases([int(x) for x in args.context.split(",")], [int(x) for x in args.batch.split(",")],
                        profiles, systems, budgets)
-    rows = []
+    runs: list[list[dict]] = [[] for _ in cases]
+    total = len(cases) * args.repeats
     with tempfile.TemporaryDirectory(prefix="kvswap-throughput-") as kv:
-        for n, (context, batch, profile, system, budget) in enumerate(cases, 1):
-            print(f"[throughput {n}/{len(cases)}] {system} batch {batch} context ~{context} profile {profile}"
+        for n, (i, (context, batch, profile, system, budget)) in enumerate(
+                ((i, case) for _ in range(args.repeats) for i, case in enumerate(cases)), 1):
+            print(f"[throughput {n}/{total}] {system} batch {batch} context ~{context} profile {profile}"
                   + ("" if system in STOCK else f" M {budget}") + " ...", file=sys.stderr, flush=True)
             row = run_row(model, system, context, batch, args.max_new_tokens, budget, Path(kv),
                           profile, args.split_io and args.engine == "vllm", args.engine, args.device,
                           args.gguf or (model_gguf(model) if system == LLAMACPP else None), args.group_size)
             print(f"[throughput] {json.dumps(row)}", file=sys.stderr, flush=True)
-            rows.append(row)
+            runs[i].append(row)
+    rows = [median_run(r) for r in runs]
     result = {"benchmark": "throughput", "engine": args.engine, "device": args.device, "model": str(model),
-              "budget_tokens": budgets[0] if len(budgets) == 1 else budgets, "max_new_tokens": args.max_new_tokens, "rows": rows}
+              "budget_tokens": budgets[0] if len(budgets) == 1 else budgets, "max_new_tokens": args.max_new_tokens,
+              "repeats": args.repeats, "rows": rows}
     if args.device != "cpu":
         import torch
 

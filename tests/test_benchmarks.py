@@ -210,3 +210,28 @@ def test_decode_replay_times_every_part_with_and_without_kernel_aio(tmp_path: Pa
         assert r["step_s"] > 0 and r["groups_read_per_layer_per_sequence"] > 0
         assert set(r["parts_s_per_step"]) == {"selection", "reads", "hot-tier bookkeeping", "gather, tail, attention"}
         assert sum(r["parts_s_per_step"].values()) <= r["step_s"] * 1.5  # parts do not overlap
+
+
+def test_repeats_take_turns_and_rows_report_the_median_run(tmp_path: Path, monkeypatch) -> None:
+    """--repeats N: the cases run in turns (a, b, a, b, ...), each row holds its median run's
+    figures and every run's step time."""
+    calls: list[str] = []
+    times = {"vllm-full": iter([0.5, 0.3, 0.4]), "kvswap": iter([0.2, 0.6, 0.35])}
+
+    def fake_row(model, system, *args, **kwargs) -> dict:
+        calls.append(system)
+        step = next(times[system])
+        return {"system": system, "context": 1000, "batch": 1, "step_s": step, "tokens_per_s": 1 / step}
+
+    monkeypatch.setattr(throughput, "run_row", fake_row)
+    monkeypatch.setattr(throughput, "plot", lambda *a: None)
+    out = tmp_path / "t.json"
+    assert throughput.main(["--systems", "vllm-full,kvswap", "--batch", "1", "--context", "1000", "--repeats", "3",
+                            "--model", str(tmp_path), "--out", str(out)]) == 0
+    assert calls == ["vllm-full", "kvswap"] * 3
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["system"], r["step_s"], r["runs_step_s"]) for r in rows] == [
+        ("vllm-full", 0.4, [0.5, 0.3, 0.4]), ("kvswap", 0.35, [0.2, 0.6, 0.35])]
+    assert throughput.median_run([{"step_s": 0.3}, {"step_s": 0.1}]) == {"step_s": 0.1, "runs_step_s": [0.3, 0.1]}
+    with pytest.raises(SystemExit):
+        throughput.main(["--repeats", "0"])
