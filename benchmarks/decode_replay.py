@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 
 from benchmarks import write_json
-from kvswap_vllm.attention.sparse import decode_over_parts
 from kvswap_vllm.hot import tier
 from kvswap_vllm.models.fingerprint import model_fingerprint
 from kvswap_vllm.models.prepare import default_model_path
@@ -38,6 +37,7 @@ from kvswap_vllm.runtime import sequence as runtime_sequence
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence
 from kvswap_vllm.store import DiskStore, StoreConfig
 from kvswap_vllm.store import disk_store as store_module
+from kvswap_vllm.vllm.sparse_attention import _decode_attention
 
 SHAPE = ModelShape(num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64)
 
@@ -61,7 +61,8 @@ class Timers:
 
 def attend(seq: KVSwapSequence, layer: int, q: torch.Tensor, new_kv: torch.Tensor) -> None:
     """What the vLLM backend does for one decoding request once its groups are resident."""
-    decode_over_parts(q.unsqueeze(1), seq.decode_parts(layer, new_kv[0], new_kv[1], q), SHAPE.head_dim ** -0.5)
+    kk, vv = seq.decode_kv(layer, new_kv[0], new_kv[1], q)
+    _decode_attention(q.unsqueeze(1), kk, vv, SHAPE.head_dim ** -0.5)
 
 
 def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, parts: list[int],

@@ -50,17 +50,3 @@ def test_misuse_is_refused() -> None:
         blockwise.attention_with_lse(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4), 1.0, True)
     with pytest.raises(ValueError, match="no key block"):
         BlockwiseSoftmax().result(torch.float32)
-
-
-@pytest.mark.parametrize("sizes", [(400, 7), (0, 3), (12, 1, 5)])
-def test_decode_over_parts_equals_attention_over_the_joined_keys(sizes: tuple[int, ...]) -> None:
-    """One query token over K/V parts (selected groups, tail; the first may be empty) gives the
-    softmax attention over their concatenation, GQA heads grouped."""
-    from kvswap_vllm.attention.sparse import decode_over_parts
-
-    gen = torch.Generator().manual_seed(len(sizes))
-    parts = [(torch.randn(3, n, 16, generator=gen), torch.randn(3, n, 16, generator=gen)) for n in sizes]
-    q = torch.randn(9, 1, 16, generator=gen)
-    k, v = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
-    want = torch.softmax(q.view(3, 3, 16) @ k.transpose(1, 2) * 0.25, dim=-1) @ v
-    torch.testing.assert_close(decode_over_parts(q, parts, 0.25), want.reshape(9, 1, 16), rtol=1e-5, atol=1e-6)

@@ -163,11 +163,9 @@ class HotTier:
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots, in order: each (num_kv_heads, len(slots) * group_size, head_dim)."""
-        two, h, _, gs, d = self.slots[layer].shape
-        # As 3-D (2*H, slots, G*D) rows: index_select over a 5-D view is 3x slower on CPU (measured).
-        g = self.slots[layer].view(two * h, -1, gs * d).index_select(1, slots.to(self.device))
-        n = len(slots)
-        return g[:h].view(h, n * gs, d), g[h:].view(h, n * gs, d)
+        g = self.slots[layer].index_select(2, slots.to(self.device))  # (2, H, n, G, D), contiguous
+        _, h, n, gs, d = g.shape
+        return g[0].view(h, n * gs, d), g[1].view(h, n * gs, d)
 
 
 class PendingLoad:

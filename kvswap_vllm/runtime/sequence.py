@@ -313,15 +313,9 @@ class KVSwapSequence:
     def decode_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                   query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of `layer`: K and V to attend to (selected groups, then the tail)."""
-        (hk, hv), (tail_k, tail_v) = self.decode_parts(layer, k, v, query)
+        hk, hv = self.hot_kv(layer, query)
+        tail_k, tail_v = self.decode_tail(layer, k, v)
         return torch.cat([hk, tail_k], dim=1), torch.cat([hv, tail_v], dim=1)
-
-    def decode_parts(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-                     query: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`decode_kv` as its parts, (K, V) of the selected groups, then of the tail: attention
-        over the parts (attention.decode_over_parts) needs no copy that joins them."""
-        hot = self.hot_kv(layer, query)
-        return [hot, self.decode_tail(layer, k, v)]
 
     # ----- tail -> disk ---------------------------------------------------------------------
     def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -31,7 +31,6 @@ from typing import Any, Callable
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from kvswap_vllm.attention.sparse import decode_over_parts
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.predict.adapter import adapter_for
 from kvswap_vllm.predict.base import ModelShape, SelectionConfig
@@ -210,7 +209,8 @@ class SparseRuntime:
         q, k, v = query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
         try:
             if e - s == 1 and context > 0:
-                o = decode_over_parts(q, seq.decode_parts(layer, k, v, q[:, 0]), scale)
+                kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
+                o = _decode_attention(q, kk, vv, scale)
             else:
                 o = seq.prefill_attention(layer, q, k, v, scale, seed_prefetch=True)
         except (KVSwapError, OSError, RuntimeError) as exc:
@@ -352,6 +352,15 @@ def _eager(vllm_config: Any) -> bool:
     from vllm.config import CompilationMode
 
     return vllm_config.model_config.enforce_eager or vllm_config.compilation_config.mode == CompilationMode.NONE
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token: q (Hq, 1, D) against k/v (Hkv, T, D), the query heads of a KV head
+    batched together. (torch's SDPA with enable_gqa takes ~1 ms here on CPU, this ~60 us.)"""
+    hq, hkv = q.shape[0], k.shape[0]
+    qq = q.reshape(hkv, hq // hkv, q.shape[-1])
+    probs = torch.softmax(torch.bmm(qq, k.transpose(1, 2)) * scale, dim=-1)
+    return torch.bmm(probs, v).view(hq, 1, -1)
 
 
 def active_runtime() -> tuple[SparseRuntime, Any] | None:
