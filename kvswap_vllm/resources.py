@@ -7,6 +7,7 @@ Disk bytes are the kernel's `read_bytes`/`write_bytes` (storage I/O; page-cache 
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -125,15 +126,29 @@ def trim_heap() -> None:
 
 
 def helper_thread_pool(workers: int, name: str) -> ThreadPoolExecutor:
-    """A pool for KVSwap's helper threads (reads, writes, prefetch), whose tensor ops (copies
-    of a few groups) run on one core: every thread that runs a parallel op otherwise starts an
-    OpenMP team of its own, as wide as the machine, whose threads then wait (spinning at first)
-    on the cores the forward pass computes on. torch's thread count is per thread: the
-    forward pass keeps its own."""
-    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=_one_torch_thread)
+    """A pool for KVSwap's helper threads (reads, writes, prefetch, selection), whose tensor ops
+    run on one thread: every thread that runs a parallel op otherwise starts an OpenMP team of
+    its own, as wide as the machine, whose threads then wait (spinning at first) on the cores
+    the forward pass computes on. torch's thread count is per thread: the forward pass keeps
+    its own. The threads may run on any CPU of the machine (see `_any_cpu`)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=_helper_thread)
 
 
-def _one_torch_thread() -> None:
+def _helper_thread() -> None:
     import torch
 
-    torch.set_num_threads(1)
+    # torch.set_num_threads itself: vLLM's CPU worker replaces it with a no-op once it has
+    # bound its OpenMP threads (it would move them), but this thread's count is its own.
+    torch._C.set_num_threads(1)
+    _any_cpu()
+
+
+def _any_cpu() -> None:
+    """Let the calling thread run on every CPU the process may use. vLLM's CPU worker pins its
+    process to the cores of its OpenMP threads (on a 2-core machine, one core: the other is left
+    to the engine process, idle while a forward pass runs), and threads inherit that pin; a
+    helper thread pinned there would take its time from the forward pass."""
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the kernel keeps what the cgroup allows
+    except (AttributeError, OSError):
+        pass

@@ -143,3 +143,22 @@ def test_a_failing_aio_context_switches_the_store_to_threads(tmp_path: Path, mon
         assert r.found.all() and torch.equal(r.kv, kv[[2, 7]]) and torch.equal(r2.kv, kv[[3]])
         assert not s.stats.kernel_aio
         assert sum("kernel AIO failed" in m for m in caplog.messages) == 1
+
+
+def test_a_disk_tier_in_memory_reads_through_kernel_aio_without_o_direct(tmp_path: Path) -> None:
+    """tmpfs: buffered reads are memory copies, which never block io_submit; the store takes the
+    same AIO path as on a disk with O_DIRECT (the compute-only benchmark runs there)."""
+    from kvswap_vllm.store.fileio import in_memory_fs
+    from tests.helpers import tmpfs
+
+    assert not in_memory_fs(Path("/proc/self"))
+    kv = torch.randn(32, 3, 2, 4, 64)
+    with tmpfs(tmp_path / "ram", "64m") as ram:
+        assert in_memory_fs(ram) and in_memory_fs(ram / "not" / "yet")
+        with _store(ram, direct_io="off") as s:
+            assert not s.stats.direct_io and s.stats.kernel_aio
+            s.open_sequence("a", private=False)
+            s.write_groups("a", 0, 0, kv)
+            ids = [0, 5, 6, 31, 17]
+            r = s.read_groups("a", 0, ids)
+            assert r.found.all() and torch.equal(r.kv, kv[ids])

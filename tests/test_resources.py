@@ -51,3 +51,27 @@ def test_helper_threads_run_torch_on_one_core_and_leave_the_callers_count() -> N
         counts = list(pool.map(lambda _: torch.get_num_threads(), range(4)))
     assert counts == [1, 1, 1, 1]
     assert torch.get_num_threads() == before
+
+
+def test_helper_threads_in_a_pinned_process_with_set_num_threads_replaced(monkeypatch) -> None:
+    """vLLM's CPU worker replaces torch.set_num_threads with a no-op and pins its process to its
+    OpenMP cores: helper threads still run torch on one thread, and on every CPU (the pin is
+    inherited, and would put them on the forward pass's core)."""
+    import os
+    import threading
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    result: dict = {}
+
+    def pinned_caller() -> None:  # affinity is per thread: pin a thread, not the test process
+        os.sched_setaffinity(0, {0})
+        with helper_thread_pool(1, "test-pinned") as pool:
+            result["helper"] = pool.submit(lambda: (torch.get_num_threads(), os.sched_getaffinity(0))).result()
+        result["caller"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=pinned_caller)
+    t.start()
+    t.join()
+    threads, cpus = result["helper"]
+    assert threads == 1 and result["caller"] == {0}
+    assert len(cpus) > 1 or os.cpu_count() == 1  # the test machine allows more than CPU 0

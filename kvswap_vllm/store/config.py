@@ -37,8 +37,9 @@ class StoreConfig:
     # Reads in flight at once (threads issuing preadv).
     io_threads: int = 8
     # O_DIRECT reads of one call go to the kernel together (Linux AIO: one system call for all,
-    # no thread or Python per read; see store/aio.py) where the kernel offers it. False, for
-    # buffered reads, or under a throttle: io_threads threads issue them one by one.
+    # no thread or Python per read; see store/aio.py) where the kernel offers it; so do buffered
+    # reads of a disk tier in memory (tmpfs). False, for buffered reads from a device, or under
+    # a throttle: io_threads threads issue them one by one.
     kernel_aio: bool = True
     # One read per run of adjacent groups; False = one read per group (benchmarks compare both).
     coalesce_reads: bool = True

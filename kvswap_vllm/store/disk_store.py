@@ -166,9 +166,12 @@ class DiskStore:
         fileio.ensure_private_dir(config.namespace, config.root)
         self._direct = self._choose_direct_io()
         self.stats.direct_io = self._direct
-        # Kernel AIO only for O_DIRECT (buffered AIO reads block in io_submit) and without a
-        # throttle (which paces reads one request at a time, as the emulated device would).
-        self._aio = config.kernel_aio and self._direct and throttle is None and aio.available()
+        # Kernel AIO where no read blocks in io_submit: O_DIRECT, or files in memory (tmpfs:
+        # buffered reads are copies; benchmarks keep a disk tier there for compute-only time, which
+        # then takes the same read path); and without a throttle (which paces reads one request at
+        # a time, as the emulated device would). Buffered AIO reads from a device block.
+        self._aio = config.kernel_aio and throttle is None and aio.available() and \
+            (self._direct or fileio.in_memory_fs(config.namespace))
         self.stats.kernel_aio = self._aio
         self._aio_local = threading.local()  # one AIO context per reading thread
         self._aio_contexts: list[aio.AsyncReads] = []

@@ -234,5 +234,24 @@ def thread_buffer(nbytes: int) -> mmap.mmap:
     return buf
 
 
+def in_memory_fs(path: Path) -> bool:
+    """Whether `path` is on a file system held in memory (tmpfs, ramfs), from the mount table:
+    reads there are memory copies that never wait for a device."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    target, best, fstype = str(Path(path).resolve()), "", ""
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        mount = parts[4].replace("\\040", " ")
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, fstype = mount, rest.split()[0]
+    return fstype in ("tmpfs", "ramfs")
+
+
 def is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
