@@ -609,16 +609,18 @@ class DiskStore:
                 self._aio_failed(exc)
                 return self._start_lanes(jobs)()
             with torch.inference_mode():
-                for ((ext, d), offset, length, start, _, pos), n in zip(plans, got):
-                    if n < offset + length - start:
-                        again.append((ext, d))
-                        continue
-                    d.nbytes += n
-                    if pos < 0:
-                        self._verify_in_place(ext, d.bytes[ext.out_start * rb:ext.out_start * rb + length], d.found)
-                    else:
-                        self._deliver(ext, d, memoryview(buf)[pos + offset - start:][:length])
-                self._give_scratch(buf)
+                try:
+                    for ((ext, d), offset, length, start, _, pos), n in zip(plans, got):
+                        if n < offset + length - start:
+                            again.append((ext, d))
+                            continue
+                        d.nbytes += n
+                        if pos < 0:
+                            self._verify_in_place(ext, d.bytes[ext.out_start * rb:ext.out_start * rb + length], d.found)
+                        else:
+                            self._deliver(ext, d, memoryview(buf)[pos + offset - start:][:length])
+                finally:
+                    self._give_scratch(buf)
                 _add_bytes(again, self._read_lane(again))
 
         return finish

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
@@ -92,9 +92,9 @@ class SparseRuntime:
             self._adopt(key, block_ids, hashes)
         attn = next(iter(attn_metadata.values()), None) if isinstance(attn_metadata, dict) else attn_metadata
         if attn is not None and hasattr(attn, "query_start_loc"):
-            for _, key in self._view(attn).decoding:
-                if key in self._seqs:
-                    self._seqs[key].prefetch_step()
+            for request in self._view(attn).decoding:
+                if request.first in self._seqs:
+                    self._seqs[request.first].prefetch_step()
 
     def _adopt(self, key: int, block_ids: list[int], hashes: list[bytes]) -> None:
         try:
@@ -185,20 +185,20 @@ class SparseRuntime:
             self._track_memory()
         out = output[:meta.num_actual_tokens].view(-1, self.shape.num_q_heads, self.shape.head_dim)
 
-        def run(request: tuple[int, int, int, int]) -> None:
+        def run(request: _Request) -> None:
             self._attend_request(layer, request, query, key, value, out, scale)
 
         own = self._own_rows(layer, view)
         if own:  # selected and loaded in parts, each part's reads hidden behind other parts' work
-            decode_in_parts([seq for _, seq in own], layer, query[torch.tensor([r[0] for r, _ in own])],
+            decode_in_parts([seq for _, seq in own], layer, query[torch.tensor([r.start for r, _ in own])],
                             lambda i: run(own[i][0]))
-        done = {r[0] for r, _ in own}
+        done = {r for r, _ in own}
         for request in view.requests:
-            if request[0] not in done:
+            if request not in done:
                 run(request)
         return output
 
-    def _attend_request(self, layer: int, request: tuple[int, int, int, int], query: torch.Tensor, key: torch.Tensor,
+    def _attend_request(self, layer: int, request: "_Request", query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor, out: torch.Tensor, scale: float) -> None:
         """One request's rows s:e of this layer: a decode token to its selection + tail, a prefill
         chunk densely to everything so far."""
@@ -228,11 +228,11 @@ class SparseRuntime:
         pure_decode = bool(view.requests) and len(view.decoding) == len(view.requests)
         self._io_since = busy if pure_decode else None
 
-    def _own_rows(self, layer: int, view: "_StepView") -> list[tuple[tuple[int, int, int, int], KVSwapSequence]]:
+    def _own_rows(self, layer: int, view: "_StepView") -> list[tuple["_Request", KVSwapSequence]]:
         """Decoding requests with no selection for this layer yet (layers 0-1, or every layer
         without layer-ahead): they select from their own queries, all together."""
-        return [(request, seq) for request, key in view.decoding
-                if key not in self._failed and (seq := self._seqs.get(key)) is not None
+        return [(request, seq) for request in view.decoding
+                if request.first not in self._failed and (seq := self._seqs.get(request.first)) is not None
                 and seq.needs_selection(layer) and seq.length(layer) > 0]
 
     def _fail(self, key: int, context: int, exc: BaseException) -> None:
@@ -259,7 +259,7 @@ class SparseRuntime:
         if meta is None:
             return
         view = self._view(meta)
-        rows = [(request[0], key) for request, key in view.decoding if key in self._seqs]
+        rows = [(request.start, request.first) for request in view.decoding if request.first in self._seqs]
         if not rows:
             return
         queries = predict(torch.tensor([r for r, _ in rows]))
@@ -295,18 +295,28 @@ class SparseRuntime:
         self.write_stats()
         self.store.close()
 
+class _Request(NamedTuple):
+    """One request of a step: its rows start:end of the batch's tokens, its context tokens
+    before them, and its first block id (which names its sequence)."""
+
+    start: int
+    end: int
+    context: int
+    first: int
+
+
 class _StepView:
-    """The step's requests as Python lists: (first row, end row, context tokens, first block)."""
+    """The step's requests, as Python values."""
 
     def __init__(self, meta: Any) -> None:
         self.meta = meta
         starts = meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens.tolist()
         first_blocks = meta.block_table[:, 0].tolist()
-        self.requests = [(starts[i], starts[i + 1], seq_lens[i] - (starts[i + 1] - starts[i]), first_blocks[i])
+        self.requests = [_Request(starts[i], starts[i + 1], seq_lens[i] - (starts[i + 1] - starts[i]), first_blocks[i])
                          for i in range(len(seq_lens)) if starts[i + 1] > starts[i]]
-        # (request, first block) of each request decoding one token.
-        self.decoding = [(r, r[3]) for r in self.requests if r[1] - r[0] == 1 and r[2] > 0]
+        # The requests decoding one token.
+        self.decoding = [r for r in self.requests if r.end - r.start == 1 and r.context > 0]
 
 
 def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> SparseRuntime:
