@@ -192,7 +192,10 @@ def _child_hf(spec_path: Path, out_path: Path) -> None:
                               max_model_len=spec["max_model_len"], device=device, kvswap=kv)
     with ResourceMeter() as meter:
         gen = create_generator("hf", config)
-        gen.generate([spec["prompts"][0][:16]])  # touches every weight: idle = loaded and warm
+        # Warm = every code path has run once: a prompt past the budget (chunked prefill over
+        # disk blocks, sparse decode, helper threads); else the batch's RSS growth would count
+        # the library code it pages in and the helper threads' malloc arenas as KV memory.
+        gen.generate([spec["prompts"][0][:WARMUP_TOKENS]])
         idle_rss, gpu_idle = tree_rss_bytes(), _gpu_memory(device, reset=True)
         t0 = time.perf_counter()
         results = gen.generate(spec["prompts"])
@@ -210,6 +213,10 @@ def _child_hf(spec_path: Path, out_path: Path) -> None:
         # GPU memory the batch added to the loaded, warm model (peak allocated by torch).
         "gpu_growth_mb": None if gpu_idle is None else (_gpu_memory(device) - gpu_idle) / 2**20,
     }))
+
+
+#: Prompt tokens of the HF rows' warm-up request (> 2 prefill chunks and > the budget).
+WARMUP_TOKENS = 2500
 
 
 def _gpu_memory(device: str, reset: bool = False) -> int | None:

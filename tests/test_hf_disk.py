@@ -155,3 +155,20 @@ def test_runs_on_the_models_device(tmp_path: Path, device: str) -> None:
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(dense, got[device, 4096]))
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got["cpu", 8], got[device, 8]))
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(dense, got[device, 8]))  # M=8 is sparse
+
+
+@torch.inference_mode()
+def test_prefill_mlp_runs_in_row_slices_with_the_same_result() -> None:
+    from kvswap_vllm.runtime.hf_disk import _in_row_slices
+
+    mlp = tiny_llama().model.layers[0].mlp
+    x = torch.randn(1, 700, mlp.gate_proj.in_features)
+    calls: list[int] = []
+
+    def counted(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.shape[1])
+        return mlp(t)
+
+    sliced = _in_row_slices(counted, 256)
+    assert torch.allclose(sliced(x), mlp(x), atol=1e-6) and calls == [256, 256, 188]
+    assert torch.equal(sliced(x[:, :5]), mlp(x[:, :5])) and calls[-1] == 5  # short inputs: one call

@@ -9,7 +9,7 @@ import torch
 
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.predict.adapter import AdapterError, LowRankAdapter, _bases
-from kvswap_vllm.predict.base import PREDICTORS, ModelShape, SelectionConfig, create_predictor, select_batch
+from kvswap_vllm.predict.base import PREDICTORS, ModelShape, RowBuffer, SelectionConfig, create_predictor, select_batch
 
 SHAPE = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=16)
 SEL = SelectionConfig(budget_tokens=32, group_size=4)  # 8 groups
@@ -70,6 +70,40 @@ def test_metadata_size(predictor) -> None:
     per_token = {"kvswap": 16 * 2, "kvswap-paper": 16 * 2, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0,
                  "oracle": SHAPE.num_kv_heads * SHAPE.head_dim * 4}
     assert predictor.metadata_bytes() == pytest.approx(10 * 4 * per_token[predictor.name])
+
+
+def test_reserved_metadata_is_allocated_once_and_scores_the_same(predictor) -> None:
+    plain = create_predictor(predictor.name, SHAPE, SEL, predictor.adapter)
+    predictor.reserve(30 * SEL.group_size)
+    held = []
+    for chunk in (keys(12, 1), keys(1, 2), keys(17, 3)):  # prefill, then decode's flushes
+        predictor.append_groups(1, chunk)
+        plain.append_groups(1, chunk)
+        held.append(predictor.metadata_bytes())
+    whole = create_predictor(predictor.name, SHAPE, SEL, predictor.adapter)
+    whole.append_groups(1, torch.cat([keys(12, 1), keys(1, 2), keys(17, 3)]))
+    assert held == [whole.metadata_bytes()] * 3  # the reserve from the first append: no spare room
+    q = torch.randn(6, 16)
+    assert torch.equal(predictor.score(1, q), plain.score(1, q))
+    assert torch.equal(predictor.score(1, q), whole.score(1, q))
+    predictor.append_groups(1, keys(3, 4))  # past the reserve: it still grows
+    assert predictor.num_groups(1) == 33
+    assert predictor.metadata_bytes() > held[-1] or not held[-1]
+
+
+def test_row_buffer_appends_grow_and_refuse_other_rows() -> None:
+    buf = RowBuffer()
+    with pytest.raises(ValueError, match="no rows"):
+        buf.view()
+    rows = torch.arange(40.0).view(20, 2)
+    for start in range(0, 20, 3):
+        buf.append(rows[start:start + 3])
+    assert len(buf) == 20 and torch.equal(buf.view(), rows)
+    assert buf.nbytes < 20 * 2 * 4 * RowBuffer.GROWTH + 3 * 2 * 4  # spare room bounded by the growth factor
+    with pytest.raises(ValueError, match="do not match"):
+        buf.append(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="do not match"):
+        buf.append(torch.zeros(1, 2, dtype=torch.float16))
 
 
 def test_registry_errors() -> None:

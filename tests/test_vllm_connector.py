@@ -178,6 +178,7 @@ LAYER_NAMES = {f"model.layers.{i}.self_attn.attn": i for i in range(LAYERS)}
 class FakeRequest:
     request_id: str
     all_token_ids: list[int]
+    max_tokens: int = 16
     lora_request: object = None
     mm_features: list = field(default_factory=list)
     prompt_embeds: object = None
@@ -341,6 +342,7 @@ def test_kvswap_decoding_announces_prompts_and_adopts_them_after_a_restart(tmp_p
     hit, meta = _schedule(sched, FakeRequest("a", tokens), [1, 2, 3, 4])
     assert hit == 0 and not meta.adopt and not meta.saves and not meta.loads
     assert list(meta.prompt_hashes) == [1] and len(meta.prompt_hashes[1]) == 3
+    assert meta.expected_tokens == {1: 14 + 16}  # prompt + max_tokens: the worker sizes its metadata
 
     shape = ModelShape(LAYERS, HEADS, HEADS, DIM)
     with DiskStore(identity.sparse_store_config(options)) as store:  # the worker runs the prompt

@@ -28,7 +28,7 @@ def _meta(lens: list[int], ctx: list[int], first_blocks: list[int]) -> SimpleNam
 
 
 def _step_meta(**kw) -> SimpleNamespace:
-    return SimpleNamespace(**{"released": [], "prompt_hashes": {}, "adopt": [], **kw})
+    return SimpleNamespace(**{"released": [], "prompt_hashes": {}, "expected_tokens": {}, "adopt": [], **kw})
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
@@ -130,14 +130,18 @@ def test_restarted_runtime_adopts_a_stored_prompt_with_its_metadata(tmp_path: Pa
     config = DiskRuntimeConfig(SelectionConfig(8, 4), "kvswap", flush_groups=2)
     with DiskStore(cfg) as store:
         rt = SparseRuntime(store, SHAPE, config, _adapter(0), block_tokens=8)
-        rt.start_step(_step_meta(prompt_hashes={11: hashes}))
+        rt.start_step(_step_meta(prompt_hashes={11: hashes}, expected_tokens={11: 45}))
         first = _run(rt, 11, qkv, 0, [16, 16, 5] + [1] * 8)
+        # Metadata sized once from the scheduler's expected length: 11 groups x 4 tokens x
+        # rank 8 x 2 bytes per layer, no spare room.
+        assert rt._seqs[11].predictor.metadata_bytes() == 2 * 11 * 4 * 8 * 2 and not rt._expected
         rt.close()
     with DiskStore(cfg) as store:  # the restart
         rt = SparseRuntime(store, SHAPE, config, _adapter(0), block_tokens=8)
-        rt.start_step(_step_meta(adopt=[(50, [50, 51, 52, 53], hashes)]))
+        rt.start_step(_step_meta(adopt=[(50, [50, 51, 52, 53], hashes)], expected_tokens={50: 45}))
         assert rt.adopted_tokens == 32 and not rt.take_errors()
         again = _run(rt, 50, qkv, 32, [5] + [1] * 8)
+        assert rt._seqs[50].predictor.metadata_bytes() == 2 * 11 * 4 * 8 * 2
         for a, b in zip(first[-len(again):], again):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         rt.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -134,9 +135,20 @@ class Predictor(ABC):
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         """(num_groups,) importance of each full group of `layer` for `query`."""
 
-    @abstractmethod
     def metadata_bytes(self) -> int:
-        """Bytes of metadata held now, over all layers."""
+        """Bytes of metadata held now, over all layers (spare room included)."""
+        return sum(buf.nbytes for buf, _ in self._buffers())
+
+    def reserve(self, tokens: int) -> None:
+        """Room for the metadata of a `tokens`-token sequence, allocated once (a hint: it still
+        grows past it)."""
+        groups = tokens // self.selection.group_size
+        for buf, rows_per_group in self._buffers():
+            buf.reserve(groups * rows_per_group)
+
+    def _buffers(self) -> Iterable[tuple["RowBuffer", int]]:
+        """The metadata buffers and the rows each keeps per group (none: position-only)."""
+        return ()
 
 
 def select_batch(predictors: list[Predictor], layer: int, queries: torch.Tensor,
@@ -179,12 +191,57 @@ def top_groups(scores: torch.Tensor, k: int, previous: list[torch.Tensor | None]
     return best.gather(1, pick).sort(dim=1).values
 
 
-def joined(chunks: list[torch.Tensor]) -> torch.Tensor:
-    """A predictor's metadata chunks of one layer (appended group by group) as one tensor, kept
-    joined in place: each new chunk is concatenated once, at the next score, not at every one."""
-    if len(chunks) > 1:
-        chunks[:] = [torch.cat(chunks)]
-    return chunks[0]
+class RowBuffer:
+    """Metadata rows of one layer, appended group by group, kept in one tensor with room to grow:
+    an append copies only the new rows, and scoring reads a view. A list of chunks joined at each
+    score (the previous way) re-copied the layer at every flush and left the freed chunks as holes
+    in the heap: measured on one 7k-token sequence, 44 MB of free heap held as RSS beside 27 MB of
+    metadata. `reserve` sizes it once when the final length is known (then no copy at all)."""
+
+    #: Growth factor when an append overflows without a reserve (bounds the spare room).
+    GROWTH = 1.25
+
+    def __init__(self) -> None:
+        self._data: torch.Tensor | None = None
+        self._rows = 0
+        self._reserved = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def reserve(self, rows: int) -> None:
+        """Make room for `rows` rows in all (a hint: appends beyond it still grow)."""
+        self._reserved = max(self._reserved, rows)
+        if self._data is not None and self._data.shape[0] < rows:
+            self._resize(rows)
+
+    def append(self, rows: torch.Tensor) -> None:
+        if self._data is None:
+            self._data = torch.empty((max(rows.shape[0], self._reserved), *rows.shape[1:]), dtype=rows.dtype)
+        elif self._data.shape[1:] != rows.shape[1:] or self._data.dtype != rows.dtype:
+            raise ValueError(f"rows {tuple(rows.shape)} {rows.dtype} do not match the layer's "
+                             f"{tuple(self._data.shape)} {self._data.dtype}")
+        end = self._rows + rows.shape[0]
+        if end > self._data.shape[0]:
+            self._resize(max(end, int(self._data.shape[0] * self.GROWTH)))
+        self._data[self._rows:end] = rows
+        self._rows = end
+
+    def view(self) -> torch.Tensor:
+        """The rows appended so far (a view: valid until the next append)."""
+        if self._data is None:
+            raise ValueError("no rows were appended")
+        return self._data[:self._rows]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, spare room included."""
+        return 0 if self._data is None else self._data.numel() * self._data.element_size()
+
+    def _resize(self, rows: int) -> None:
+        data = torch.empty((rows, *self._data.shape[1:]), dtype=self._data.dtype)
+        data[:self._rows] = self._data[:self._rows]
+        self._data = data
 
 
 def predictor_class(name: str) -> type[Predictor]:

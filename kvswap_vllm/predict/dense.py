@@ -13,6 +13,3 @@ class Dense(Predictor):
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.num_groups(layer))
-
-    def metadata_bytes(self) -> int:
-        return 0

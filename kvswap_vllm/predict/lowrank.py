@@ -23,13 +23,15 @@ against 0.78 ms converting float16 to float32.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import os
 import threading
 from pathlib import Path
 
 import torch
 
-from kvswap_vllm.predict.base import Predictor, joined
+from kvswap_vllm.predict.base import Predictor, RowBuffer
 
 
 # Per thread, a float32 buffer the stored float16 keys are converted into for scoring: a fresh
@@ -66,12 +68,12 @@ class _LowRank(Predictor):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._lr: list[list[torch.Tensor]] = [[] for _ in range(self.shape.num_layers)]
+        self._lr = [RowBuffer() for _ in range(self.shape.num_layers)]  # (tokens, r) per layer
 
     def _rows(self, layer: int) -> torch.Tensor:
         """(tokens, r) low-rank keys as kept: SCORE_DTYPE, half the memory of float32 (scores only
         rank groups, which half precision does not change in practice)."""
-        return joined(self._lr[layer])
+        return self._lr[layer].view()
 
     def _keys(self, layer: int) -> torch.Tensor:
         """The layer's low-rank keys, ready to multiply: as kept in bfloat16, else in float32 in
@@ -79,8 +81,8 @@ class _LowRank(Predictor):
         rows = self._rows(layer)
         return rows if rows.dtype == torch.bfloat16 else _float32_scratch(*rows.shape).copy_(rows)
 
-    def metadata_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in self._lr for t in ts)
+    def _buffers(self) -> Iterable[tuple[RowBuffer, int]]:
+        return ((buf, self.selection.group_size) for buf in self._lr)
 
     def _group_max(self, token_scores: torch.Tensor) -> torch.Tensor:
         return token_scores.view(-1, self.selection.group_size).amax(dim=1)

@@ -9,9 +9,11 @@ between `oracle` and `dense` what head-shared, group-granular selection at that 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-from kvswap_vllm.predict.base import Predictor, joined
+from kvswap_vllm.predict.base import Predictor, RowBuffer
 
 
 class ExactKeys(Predictor):
@@ -19,8 +21,7 @@ class ExactKeys(Predictor):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # Per layer: (tokens, num_kv_heads, head_dim) float32 chunks, joined when scored.
-        self._keys: list[list[torch.Tensor]] = [[] for _ in range(self.shape.num_layers)]
+        self._keys = [RowBuffer() for _ in range(self.shape.num_layers)]  # (tokens, H, d) float32 per layer
 
     def group_metadata(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         return keys.float().contiguous()  # (groups, G, H, d)
@@ -29,12 +30,12 @@ class ExactKeys(Predictor):
         self._keys[layer].append(rows.reshape(-1, self.shape.num_kv_heads, self.shape.head_dim))
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        keys = joined(self._keys[layer])
+        keys = self._keys[layer].view()
         s, g = self.shape, self.selection.group_size
         q = query.float().view(s.num_kv_heads, s.gqa, s.head_dim)
         logits = torch.bmm(q, keys.permute(1, 2, 0)) * s.head_dim**-0.5  # (H, gqa, tokens)
         mass = torch.softmax(logits, dim=-1).sum(dim=(0, 1))
         return mass.view(-1, g).sum(dim=1)
 
-    def metadata_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in self._keys for t in ts)
+    def _buffers(self) -> Iterable[tuple[RowBuffer, int]]:
+        return ((buf, self.selection.group_size) for buf in self._keys)

@@ -18,6 +18,3 @@ class SinkWindow(Predictor):
         sinks = -(-SINK_TOKENS // self.selection.group_size)
         scores[:sinks] = float("inf")
         return scores
-
-    def metadata_bytes(self) -> int:
-        return 0

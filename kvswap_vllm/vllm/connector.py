@@ -68,6 +68,9 @@ class KVSwapMetadata(KVConnectorMetadata):
     released: list[int] = field(default_factory=list)
     # hashes of the full prompt blocks of requests starting now (their files keep them);
     prompt_hashes: dict[int, list[bytes]] = field(default_factory=dict)
+    # tokens each request starting now may reach (prompt + max_tokens): its sequence sizes its
+    # metadata once instead of growing it;
+    expected_tokens: dict[int, int] = field(default_factory=dict)
     # requests starting with a stored prefix: (first block id, the prefix's block ids, hashes).
     adopt: list[tuple[int, list[int], list[bytes]]] = field(default_factory=list)
 
@@ -169,8 +172,9 @@ class _Request:
     lookup: tuple[int, int, int] = (0, 0, 0)
     # Blocks to load in this request's next step: (first block index, count).
     load: tuple[int, int] | None = None
-    # KVSwap decoding: the workers were told this request's prompt hashes.
+    # KVSwap decoding: the workers were told this request's prompt hashes, its expected length.
     announced: bool = False
+    sized: bool = False
 
     def hashes_upto(self, n: int, block_size: int) -> list[bytes]:
         if len(self.hashes) < n:
@@ -252,7 +256,7 @@ class _SchedulerSide:
             if st is not None and st.block_ids:
                 meta.released.append(st.block_ids[0])
                 st.block_ids = []
-                st.announced = False
+                st.announced = st.sized = False
         for new in so.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is not None:
@@ -307,6 +311,9 @@ class _SchedulerSide:
         if not st.block_ids:
             return
         key = st.block_ids[0]
+        if not st.sized:
+            meta.expected_tokens[key] = st.request.num_prompt_tokens + (getattr(st.request, "max_tokens", None) or 0)
+            st.sized = True
         if st.load is not None:
             n = st.load[1]
             meta.adopt.append((key, st.block_ids[:n], st.hashes[:n]))

@@ -58,6 +58,7 @@ class SparseRuntime:
         self._seqs: dict[int, KVSwapSequence] = {}
         # Requests whose prompt blocks their files keep (announced by the scheduler).
         self._persist: dict[int, Persistence] = {}
+        self._expected: dict[int, int] = {}  # first block id -> tokens its request may reach
         # Requests whose stored prefix could not be adopted: vLLM recomputes them (their block
         # ids go back as load errors); until then their rows are skipped.
         self._failed: set[int] = set()
@@ -88,6 +89,7 @@ class SparseRuntime:
         self.release(meta.released)
         for key, hashes in meta.prompt_hashes.items():
             self._persist[key] = Persistence(self.block_tokens, hashes)
+        self._expected.update(meta.expected_tokens)
         for key, block_ids, hashes in meta.adopt:
             self._adopt(key, block_ids, hashes)
         attn = next(iter(attn_metadata.values()), None) if isinstance(attn_metadata, dict) else attn_metadata
@@ -108,6 +110,7 @@ class SparseRuntime:
             return
         self._drop(key)
         self._seqs[key] = seq
+        seq.predictor.reserve(self._expected.pop(key, 0))
         self.adopted_tokens += len(hashes) * self.block_tokens
 
     def _prefix_runs(self, hashes: list[bytes]) -> list[PrefixRun]:
@@ -132,6 +135,7 @@ class SparseRuntime:
         closed = False
         for key in keys:
             self._persist.pop(key, None)
+            self._expected.pop(key, None)
             self._failed.discard(key)
             closed |= self._drop(key)
         if closed:
@@ -160,6 +164,7 @@ class SparseRuntime:
             self._drop(key)
             seq = self._seqs[key] = KVSwapSequence(self.store, self.shape, self.config, self.adapter,
                                                    persist=self._persist.get(key))
+            seq.predictor.reserve(self._expected.pop(key, 0))
         if seq is None or seq.length(layer) != context:
             raise RuntimeError(f"kvswap: request with first block {key} has {context} tokens of context "
                                f"at layer {layer}, but its KVSwap sequence holds "
