@@ -25,8 +25,9 @@ Each row is one fresh engine process running a batch of `batch` built-in documen
 tokens (each with its own pass key) to `max-new-tokens` greedy tokens, stepping the engine by
 hand: step_s is the median time of the steps in which every request of the batch decodes one
 token (prefill steps excluded), tokens_per_s = batch / step_s; ttft_s is the last request's
-time to first token; peak_rss_mb is the engine's whole process tree; rss_growth_mb what the batch
-added to the loaded, idle engine; kv_memory_mb is what holds KV in memory: for `vllm-full` the
+time to first token; peak_rss_mb is the engine's whole process tree from the moment it is loaded
+and idle (sampled, and each process's kernel high-water mark: short peaks count); rss_growth_mb
+what the batch added to the loaded, idle engine; kv_memory_mb is what holds KV in memory: for `vllm-full` the
 KV of the batch's tokens in vLLM's paged pool (sized to fit them), for `kvswap` the hot tier +
 low-rank metadata + tails at their peak (vLLM's pool of the same logical size is mapped lazily
 and never written). The model's weights (MB on disk) are reported beside them.
@@ -96,6 +97,7 @@ def _child(spec_path: Path, out_path: Path) -> None:
                   seed=0, disable_log_stats=False, kv_transfer_config=ktc, max_num_seqs=max(8, spec["batch"]))
         params = SamplingParams(temperature=0.0, max_tokens=spec["max_new_tokens"], ignore_eos=True)
         idle_rss = tree_rss_bytes()  # the engine loaded, no request yet
+        meter.reset_peak()
         engine = llm.llm_engine
         for i, prompt in enumerate(spec["prompts"]):
             engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
@@ -197,6 +199,7 @@ def _child_hf(spec_path: Path, out_path: Path) -> None:
         # the library code it pages in and the helper threads' malloc arenas as KV memory.
         gen.generate([spec["prompts"][0][:WARMUP_TOKENS]])
         idle_rss, gpu_idle = tree_rss_bytes(), _gpu_memory(device, reset=True)
+        meter.reset_peak()
         t0 = time.perf_counter()
         results = gen.generate(spec["prompts"])
         wall = time.perf_counter() - t0
@@ -251,6 +254,7 @@ def _child_llamacpp(spec_path: Path, out_path: Path) -> None:
                     n_batch=512, seed=0, verbose=False)
         _llamacpp_generate(llm, spec["prompts"][0][:16], 2)  # touches every weight: idle = loaded and warm
         idle_rss = tree_rss_bytes()
+        meter.reset_peak()
         t0 = time.perf_counter()
         results = [_llamacpp_generate(llm, p, spec["max_new_tokens"]) for p in spec["prompts"]]
         wall = time.perf_counter() - t0

@@ -2,6 +2,10 @@
 
 vLLM runs its engine and worker in child processes, so the meter samples every descendant
 with psutil in a background thread and remembers the last counters of processes that exit.
+A sample every 0.2 s misses short peaks (a prefill layer's transients last ~0.1 s), so each
+sample also reads each process's own peak from the kernel (VmHWM, which `reset_peak` restarts
+through /proc/PID/clear_refs); the peak is the larger of the summed samples and the sum of the
+processes' kernel peaks (an upper bound when several processes peak at different times).
 Disk bytes are the kernel's `read_bytes`/`write_bytes` (storage I/O; page-cache hits are free).
 """
 
@@ -11,6 +15,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -47,6 +52,8 @@ class ResourceMeter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvswap-meter", daemon=True)
         self._peak_rss = 0
+        self._hwm: dict[int, int] = {}  # pid -> its kernel peak RSS (VmHWM), bytes
+        self._hwm_valid = True  # False once a reset could not restart a process's VmHWM
         self._io_start: dict[int, tuple[int, int]] = {}
         self._io_last: dict[int, tuple[int, int]] = {}
         self.usage: ResourceUsage | None = None
@@ -62,16 +69,27 @@ class ResourceMeter:
         self._sample()
         read = sum(last[0] - self._io_start[pid][0] for pid, last in self._io_last.items())
         write = sum(last[1] - self._io_start[pid][1] for pid, last in self._io_last.items())
-        self.usage = ResourceUsage(self._peak_rss, read, write, len(self._io_last))
+        peak = max(self._peak_rss, sum(self._hwm.values()) if self._hwm_valid else 0)
+        self.usage = ResourceUsage(peak, read, write, len(self._io_last))
+
+    def reset_peak(self) -> None:
+        """Count the peak from now on (e.g. once the engine is loaded and idle)."""
+        self._hwm.clear()
+        for proc in _tree(self._root):
+            try:
+                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # 5: reset VmHWM to VmRSS
+            except OSError:
+                self._hwm_valid = False
+        self._peak_rss = 0
+        self._sample()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             self._sample()
 
     def _sample(self, baseline: bool = False) -> None:
-        try:
-            procs = [self._root, *self._root.children(recursive=True)]
-        except psutil.Error:
+        procs = _tree(self._root)
+        if not procs:
             return
         rss = 0
         for proc in procs:
@@ -81,12 +99,33 @@ class ResourceMeter:
                     io = proc.io_counters()
             except (psutil.Error, AttributeError):
                 continue
+            hwm = _kernel_peak_rss(proc.pid)
+            if hwm is not None:
+                self._hwm[proc.pid] = hwm
             counters = (io.read_bytes, io.write_bytes)
             # Processes alive at the start count from their current counters; one that appears
             # mid-run counts from zero: all its I/O belongs to this run.
             self._io_start.setdefault(proc.pid, counters if baseline else (0, 0))
             self._io_last[proc.pid] = counters
         self._peak_rss = max(self._peak_rss, rss)
+
+
+def _tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _kernel_peak_rss(pid: int) -> int | None:
+    """The process's peak RSS since it started or its VmHWM was reset, bytes (None: unknown)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # glibc mallopt parameters (malloc.h).

@@ -75,3 +75,17 @@ def test_helper_threads_in_a_pinned_process_with_set_num_threads_replaced(monkey
     threads, cpus = result["helper"]
     assert threads == 1 and result["caller"] == {0}
     assert len(cpus) > 1 or os.cpu_count() == 1  # the test machine allows more than CPU 0
+
+
+def test_meter_catches_a_peak_between_samples_and_counts_from_its_reset() -> None:
+    def spike(mb: int) -> None:
+        t = torch.ones(mb * 2**18)  # touched: resident
+        del t
+
+    with ResourceMeter(interval_s=30.0) as meter:  # no sample will land on the spikes
+        spike(300)  # before the reset: not counted
+        meter.reset_peak()
+        base = meter._peak_rss
+        spike(100)
+    assert meter.usage is not None
+    assert base + 90 * 2**20 < meter.usage.peak_rss_bytes < base + 200 * 2**20
