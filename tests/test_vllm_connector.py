@@ -330,7 +330,7 @@ def test_kvswap_decoding_announces_prompts_and_adopts_them_after_a_restart(tmp_p
     """Scheduler side of KVSwap decoding: a new request's prompt hashes go to the worker (whose
     sequence stores them in its files); after a restart a new scheduler finds them in the files
     and the next request with that prompt adopts the stored blocks instead of prefilling them."""
-    from kvswap_vllm.predict.base import ModelShape, SelectionConfig
+    from kvswap_vllm.predict.base import RESERVE_NEW_TOKENS, ModelShape, SelectionConfig
     from kvswap_vllm.runtime.sequence import DiskRuntimeConfig
     from kvswap_vllm.store import DiskStore
     from kvswap_vllm.vllm.sparse_attention import SparseRuntime
@@ -343,6 +343,8 @@ def test_kvswap_decoding_announces_prompts_and_adopts_them_after_a_restart(tmp_p
     assert hit == 0 and not meta.adopt and not meta.saves and not meta.loads
     assert list(meta.prompt_hashes) == [1] and len(meta.prompt_hashes[1]) == 3
     assert meta.expected_tokens == {1: 14 + 16}  # prompt + max_tokens: the worker sizes its metadata
+    _, long_meta = _schedule(sched, FakeRequest("long", tokens, max_tokens=100_000), [5, 6, 7, 8])
+    assert long_meta.expected_tokens == {5: 14 + RESERVE_NEW_TOKENS}  # not the whole window up front
 
     shape = ModelShape(LAYERS, HEADS, HEADS, DIM)
     with DiskStore(identity.sparse_store_config(options)) as store:  # the worker runs the prompt

@@ -191,6 +191,17 @@ def top_groups(scores: torch.Tensor, k: int, previous: list[torch.Tensor | None]
     return best.gather(1, pick).sort(dim=1).values
 
 
+#: New tokens a sequence's metadata is sized for up front (beyond them it grows): a request's
+#: max_tokens is often the whole context window, and sizing for it would hold room never used.
+RESERVE_NEW_TOKENS = 1024
+
+
+def expected_tokens(prompt_tokens: int, max_new_tokens: int | None) -> int:
+    """What to `Predictor.reserve` for a request: its prompt and the new tokens it may make,
+    at most RESERVE_NEW_TOKENS of them."""
+    return prompt_tokens + min(max_new_tokens or 0, RESERVE_NEW_TOKENS)
+
+
 class RowBuffer:
     """Metadata rows of one layer, appended group by group, kept in one tensor with room to grow:
     an append copies only the new rows, and scoring reads a view. A list of chunks joined at each
@@ -198,8 +209,9 @@ class RowBuffer:
     in the heap: measured on one 7k-token sequence, 44 MB of free heap held as RSS beside 27 MB of
     metadata. `reserve` sizes it once when the final length is known (then no copy at all)."""
 
-    #: Growth factor when an append overflows without a reserve (bounds the spare room).
-    GROWTH = 1.25
+    #: Growth factor when an append overflows the reserve (bounds the spare room; each growth
+    #: copies the layer's rows once, ~1 MB at 7k tokens).
+    GROWTH = 1.125
 
     def __init__(self) -> None:
         self._data: torch.Tensor | None = None

@@ -18,6 +18,7 @@ import time
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from kvswap_vllm.predict.base import expected_tokens
 from kvswap_vllm.resources import return_freed_memory_promptly, trim_heap
 from kvswap_vllm.runtime.hf_kvswap import attend, layer_query, model_shape, register_attention
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence
@@ -161,7 +162,7 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 def generate(model, runtime: KVSwapDisk, prompt: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], dict]:
     """Greedy generation of one prompt with the KV cache on disk; (tokens, timings)."""
     seq = runtime.new_sequence()
-    seq.core.predictor.reserve(len(prompt) + max_new_tokens)  # its metadata allocated once
+    seq.core.predictor.reserve(expected_tokens(len(prompt), max_new_tokens))  # its metadata allocated once
     ids = torch.tensor([prompt], device=model.device)
     chunk = runtime.config.prefill_chunk
     t0 = time.perf_counter()

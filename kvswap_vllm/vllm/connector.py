@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvswap_vllm.errors import KVSwapError
+from kvswap_vllm.predict.base import expected_tokens
 from kvswap_vllm.resources import helper_thread_pool
 from kvswap_vllm.store import DiskStore, stored_block_hashes
 from kvswap_vllm.vllm.blocks import KVLayout, chain_hashes, namespace_seed
@@ -68,8 +69,8 @@ class KVSwapMetadata(KVConnectorMetadata):
     released: list[int] = field(default_factory=list)
     # hashes of the full prompt blocks of requests starting now (their files keep them);
     prompt_hashes: dict[int, list[bytes]] = field(default_factory=dict)
-    # tokens each request starting now may reach (prompt + max_tokens): its sequence sizes its
-    # metadata once instead of growing it;
+    # tokens each request starting now may reach (predict.base.expected_tokens): its sequence
+    # sizes its metadata once instead of growing it;
     expected_tokens: dict[int, int] = field(default_factory=dict)
     # requests starting with a stored prefix: (first block id, the prefix's block ids, hashes).
     adopt: list[tuple[int, list[int], list[bytes]]] = field(default_factory=list)
@@ -312,7 +313,7 @@ class _SchedulerSide:
             return
         key = st.block_ids[0]
         if not st.sized:
-            meta.expected_tokens[key] = st.request.num_prompt_tokens + (getattr(st.request, "max_tokens", None) or 0)
+            meta.expected_tokens[key] = expected_tokens(st.request.num_prompt_tokens, getattr(st.request, "max_tokens", None))
             st.sized = True
         if st.load is not None:
             n = st.load[1]
