@@ -55,9 +55,9 @@ class _Layer(DynamicLayer):
 class DiskSequence(Cache):
     """The HF cache of one sequence whose KV lives in the disk tier."""
 
-    def __init__(self, runtime: "KVSwapDisk") -> None:
+    def __init__(self, runtime: "KVSwapDisk", expected_tokens: int = 0) -> None:
         self.core = KVSwapSequence(runtime.store, runtime.shape, runtime.config, runtime.adapter,
-                                   device=runtime.model.device)
+                                   device=runtime.model.device, expected_tokens=expected_tokens)
         super().__init__(layers=[_Layer(self, i) for i in range(runtime.shape.num_layers)])
 
     def close(self) -> None:
@@ -86,10 +86,11 @@ class KVSwapDisk:
         for layer in model.model.layers:
             layer.mlp.forward = _in_row_slices(layer.mlp.forward, MLP_SLICE_TOKENS)
 
-    def new_sequence(self) -> DiskSequence:
+    def new_sequence(self, expected_tokens: int = 0) -> DiskSequence:
+        """A fresh sequence (closing the current one) that may reach `expected_tokens` tokens."""
         if self.current is not None:
             self.current.close()
-        self.current = DiskSequence(self)
+        self.current = DiskSequence(self, expected_tokens)
         return self.current
 
     def _make_hook(self, layer: int):
@@ -161,8 +162,7 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 @torch.inference_mode()
 def generate(model, runtime: KVSwapDisk, prompt: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], dict]:
     """Greedy generation of one prompt with the KV cache on disk; (tokens, timings)."""
-    seq = runtime.new_sequence()
-    seq.core.predictor.reserve(expected_tokens(len(prompt), max_new_tokens))  # its metadata allocated once
+    seq = runtime.new_sequence(expected_tokens(len(prompt), max_new_tokens))
     ids = torch.tensor([prompt], device=model.device)
     chunk = runtime.config.prefill_chunk
     t0 = time.perf_counter()

@@ -132,16 +132,19 @@ class KVSwapSequence:
 
     def __init__(self, store: DiskStore, shape: ModelShape, config: DiskRuntimeConfig, adapter: object | None = None,
                  name: str | None = None, prefix: list[PrefixRun] = (), persist: Persistence | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", expected_tokens: int = 0) -> None:
         """`prefix`: runs of stored groups this sequence starts with (their files and metadata are
         checked now: a StoreError or MetadataError says the prefix cannot be used). `persist`:
         keep this sequence's files when it closes (else they are deleted: private data).
-        `device`: where the model's K/V tensors are (the tail and hot tier live there)."""
+        `device`: where the model's K/V tensors are (the tail and hot tier live there).
+        `expected_tokens`: the length it may reach (predict.base.expected_tokens), for which its
+        metadata is sized once (0: unknown, it grows)."""
         self.store, self.shape, self.config = store, shape, config
         self.device = torch.device(device)
         self.group_size = config.selection.group_size
         self.name = name or f"seq-{uuid.uuid4().hex[:12]}"
         self.predictor: Predictor = create_predictor(config.predictor, shape, config.selection, adapter)
+        self.predictor.reserve(expected_tokens)  # before a prefix's metadata: never copied again
         self.persist = persist
         self.prefix = list(prefix)
         for run in self.prefix:  # pinned against eviction while in use

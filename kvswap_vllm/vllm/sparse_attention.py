@@ -102,7 +102,7 @@ class SparseRuntime:
         try:
             prefix = self._prefix_runs(hashes)
             seq = KVSwapSequence(self.store, self.shape, self.config, self.adapter, prefix=prefix,
-                                 persist=self._persist.get(key))
+                                 persist=self._persist.get(key), expected_tokens=self._expected.pop(key, 0))
         except (KVSwapError, OSError, ValueError) as exc:
             log.warning("kvswap: a stored prefix of %d blocks cannot be used (%s); recomputing it", len(hashes), exc)
             self._failed.add(key)
@@ -110,7 +110,6 @@ class SparseRuntime:
             return
         self._drop(key)
         self._seqs[key] = seq
-        seq.predictor.reserve(self._expected.pop(key, 0))
         self.adopted_tokens += len(hashes) * self.block_tokens
 
     def _prefix_runs(self, hashes: list[bytes]) -> list[PrefixRun]:
@@ -163,8 +162,8 @@ class SparseRuntime:
             self._failed.discard(key)
             self._drop(key)
             seq = self._seqs[key] = KVSwapSequence(self.store, self.shape, self.config, self.adapter,
-                                                   persist=self._persist.get(key))
-            seq.predictor.reserve(self._expected.pop(key, 0))
+                                                   persist=self._persist.get(key),
+                                                   expected_tokens=self._expected.pop(key, 0))
         if seq is None or seq.length(layer) != context:
             raise RuntimeError(f"kvswap: request with first block {key} has {context} tokens of context "
                                f"at layer {layer}, but its KVSwap sequence holds "
