@@ -1,5 +1,5 @@
 """Prototype: compensate the attention left out by the selection (not for the repo)."""
-import copy, math, sys, time, json
+import copy, math, os, sys, time
 import torch
 sys.path.insert(0, "/work/main")
 from benchmarks.quality import load, _step
@@ -11,7 +11,6 @@ from kvswap_vllm.models.prepare import resolve_model
 
 MODE = {"v": "none", "chunk": 64}
 VBASIS = []
-import os
 BASIS_FROM = os.environ.get("BASIS", "calib")
 
 def est_logits(ref, layer, q):
