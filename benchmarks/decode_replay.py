@@ -27,6 +27,7 @@ import torch
 
 from benchmarks import write_json
 from kvswap_vllm.hot import tier
+from kvswap_vllm.attention.sparse import decode_attention
 from kvswap_vllm.models.fingerprint import model_fingerprint
 from kvswap_vllm.models.prepare import default_model_path
 from kvswap_vllm.predict import base as predict_base
@@ -37,7 +38,6 @@ from kvswap_vllm.runtime import sequence as runtime_sequence
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence
 from kvswap_vllm.store import DiskStore, StoreConfig
 from kvswap_vllm.store import disk_store as store_module
-from kvswap_vllm.vllm.sparse_attention import _decode_attention
 
 SHAPE = ModelShape(num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64)
 
@@ -62,7 +62,7 @@ class Timers:
 def attend(seq: KVSwapSequence, layer: int, q: torch.Tensor, new_kv: torch.Tensor) -> None:
     """What the vLLM backend does for one decoding request once its groups are resident."""
     kk, vv = seq.decode_kv(layer, new_kv[0], new_kv[1], q)
-    _decode_attention(q.unsqueeze(1), kk, vv, SHAPE.head_dim ** -0.5)
+    decode_attention(q.unsqueeze(1), kk, vv, SHAPE.head_dim ** -0.5, seq.rest(layer))
 
 
 def replay(root: Path, batch: int, context: int, steps: int, kernel_aio: bool, parts: list[int],

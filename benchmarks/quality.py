@@ -45,13 +45,13 @@ def load(model_dir: Path, adapter_path: Path | None, calib_tokens: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvswap_vllm.models.fingerprint import model_fingerprint
-    from kvswap_vllm.predict.adapter import LowRankAdapter, calibrate, default_adapter_path
+    from kvswap_vllm.predict.adapter import LowRankAdapter, calibrate, default_adapter_path, has_value_bases
     from kvswap_vllm.predict.calibration_text import SOURCE, stdlib_docstrings
 
     fp = model_fingerprint(model_dir)
     path = adapter_path or default_adapter_path(fp, rank=_head_dim(model_dir))
-    if not path.with_suffix(".safetensors").exists():
-        log(f"no adapter at {path}; calibrating ({calib_tokens} tokens)")
+    if adapter_path is None and not has_value_bases(path):
+        log(f"no adapter with value bases at {path}; calibrating ({calib_tokens} tokens)")
         calibrate(model_dir, [stdlib_docstrings()], max_tokens=calib_tokens, text_source=SOURCE).save(path)
     adapter = LowRankAdapter.load(path, fp)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hysteresis", type=float, default=SelectionConfig.hysteresis,
                    help="groups attended at the previous step rank this share of M/G places higher "
                         f"(default: {SelectionConfig.hysteresis}; 0 = plain top-k)")
+    p.add_argument("--residual-rank", type=int, default=SelectionConfig.residual_rank,
+                   help="rank of the low-rank values kvswap estimates the unselected groups' attention with "
+                        f"(default: {SelectionConfig.residual_rank}; 0 = none)")
     p.add_argument("--select", choices=["exact", "ahead"], default="exact",
                    help="layers >= 2 attend to their own query's selection (exact) or the layer-ahead one")
     args = p.parse_args(argv)
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         methods.insert(0, "dense")
     model_dir = resolve_model(args.model)
     tok, model, adapter = load(model_dir, args.adapter, args.calibration_tokens)
-    selection = SelectionConfig(budget_tokens=args.budget, group_size=args.group_size, hysteresis=args.hysteresis)
+    selection = SelectionConfig(budget_tokens=args.budget, group_size=args.group_size, hysteresis=args.hysteresis,
+                                residual_rank=args.residual_rank)
     ref = KVSwapReference(model, "dense", selection, adapter, reselect=args.select == "exact",
                           flush_groups=args.flush_groups)
     n = args.cases_per_length
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "quality", "model": str(model_dir),
         "budget": {"budget_tokens": args.budget, "group_size": args.group_size, "hysteresis": args.hysteresis,
-                   "rank": adapter.rank,
+                   "rank": adapter.rank, "residual_rank": args.residual_rank,
                    "per_head_rank": adapter.per_head_rank, "layer_ahead": True, "selection": args.select,
                    # decoded tokens attended besides the M selected ones: the tail, 0 .. this many
                    "tail_tokens_max": args.flush_groups * args.group_size - 1},

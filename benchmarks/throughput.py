@@ -67,6 +67,8 @@ SYSTEMS: dict[str, dict] = {
     "kvswap-noreuse": {"predictor": "kvswap", "reuse": False},
     # Plain top-k selection: no hysteresis towards the groups attended at the previous step.
     "kvswap-plain": {"predictor": "kvswap", "hysteresis": 0.0},
+    # Attends to the selection alone: no estimate of the unselected groups' attention.
+    "kvswap-noresidual": {"predictor": "kvswap", "residual_rank": 0},
     "kvswap-prefetch": {"predictor": "kvswap", "prefetch": True},
     "kvswap-noprefetch": {"predictor": "kvswap", "prefetch": False},
     # Attends to the layer-ahead prediction, as the paper does (no exact re-selection).
@@ -188,7 +190,7 @@ def _child_hf(spec_path: Path, out_path: Path) -> None:
     kv = KVSwapOptions(predictor=None) if opts is None else KVSwapOptions(
         predictor=opts["predictor"], budget_tokens=spec["budget_tokens"], group_size=opts.get("group_size", 4),
         kv_dir=Path(spec["kv_dir"]), storage_profile=opts.get("storage_profile"), prefetch=opts.get("prefetch"),
-        hysteresis=opts.get("hysteresis"))
+        hysteresis=opts.get("hysteresis"), residual_rank=opts.get("residual_rank"))
     device = spec.get("device", "cpu")
     config = GenerationConfig(model=Path(spec["model"]), max_new_tokens=spec["max_new_tokens"],
                               max_model_len=spec["max_model_len"], device=device, kvswap=kv)

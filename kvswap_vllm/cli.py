@@ -106,7 +106,7 @@ def _kvswap_options(args: argparse.Namespace):
                          hot_tier_mb=args.budget_mb, kv_dir=args.kv_dir, storage_profile=args.storage_profile,
                          adapter=args.adapter, prefix_tier=args.vllm_connector == "kvswap",
                          prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
-                         hysteresis=args.hysteresis)
+                         hysteresis=args.hysteresis, residual_rank=args.residual_rank)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -222,7 +222,7 @@ def _cmd_store_probe(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from kvswap_vllm.models.prepare import resolve_model
-    from kvswap_vllm.predict.adapter import calibrate, default_adapter_path
+    from kvswap_vllm.predict.adapter import calibrate, default_adapter_path, has_value_bases
     from kvswap_vllm.predict.calibration_text import SOURCE, stdlib_docstrings
 
     model = resolve_model(args.model, args.models_dir)
@@ -250,8 +250,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         want = rank or getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         existing = args.out or default_adapter_path(model_fingerprint(model), want)
         if existing.with_suffix(".safetensors").exists():
-            print(f"kvswap: adapter already there: {existing.with_suffix('.safetensors')}", file=sys.stderr)
-            return 0
+            if has_value_bases(existing):
+                print(f"kvswap: adapter already there: {existing.with_suffix('.safetensors')}", file=sys.stderr)
+                return 0
+            print(f"kvswap: {existing.with_suffix('.safetensors')} has no value bases (an older kvswap wrote "
+                  "it): calibrating again", file=sys.stderr)
     adapter = calibrate(model, texts, rank=rank, max_tokens=args.tokens, text_source=source)
     out = args.out or default_adapter_path(adapter.model_fingerprint, adapter.rank)
     adapter.save(out)
@@ -369,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="groups attended at a layer's previous step rank this share of M/G places higher in "
                      "its next selection: near-ties stay instead of costing a read (0 = plain top-k; default: "
                      "the runtime's)")
+    gen.add_argument("--residual-rank", type=int, default=None,
+                     help="kvswap: rank of the low-rank values that estimate the attention to the groups the "
+                     "selection leaves out (0 = attend to the selection alone; default: 8)")
     gen.add_argument("--vllm-connector", choices=["kvswap", "none"], default="kvswap",
                      help="vllm engine: kvswap = every full block saved to the disk tier and prefixes found "
                      "there loaded instead of recomputed, across restarts (default); none = stock vLLM")

@@ -80,6 +80,9 @@ class KVSwapOptions:
     # Groups attended at the previous step rank this share of M/G places higher (fewer reads
     # for near-ties); None = predict.base.SelectionConfig's default.
     hysteresis: float | None = None
+    # Rank of the low-rank values `kvswap` estimates the unselected groups' attention with (0 =
+    # none); None = SelectionConfig's default.
+    residual_rank: int | None = None
     # vLLM engine: keep every full block in the disk tier through the `kvswap` KV connector and
     # load a prefix found there instead of recomputing it (also after a restart).
     prefix_tier: bool = True

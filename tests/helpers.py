@@ -18,6 +18,19 @@ from benchmarks.tiny_model import write_tiny_llama  # noqa: F401
 REPO = Path(__file__).resolve().parents[1]
 
 
+def with_value_bases(adapter, rank: int | None = None, seed: int = 1):
+    """`adapter` with value bases of `rank` (default: its key rank) from random values."""
+    import dataclasses
+
+    import torch
+
+    from kvswap_vllm.predict.adapter import joint_basis
+
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.randn(128, adapter.num_kv_heads, adapter.head_dim, generator=g) for _ in range(adapter.num_layers)]
+    return dataclasses.replace(adapter, value=tuple(joint_basis(v, rank or adapter.rank)[0] for v in values))
+
+
 def write_tiny_gguf(path: Path, arch: str = "llama") -> Path:
     """A valid GGUF with one small tensor and the given architecture (no real weights)."""
     import gguf

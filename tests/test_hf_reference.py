@@ -10,6 +10,7 @@ import torch
 
 from kvswap_vllm.predict.base import PREDICTORS, SelectionConfig
 from kvswap_vllm.runtime.hf_kvswap import KVSwapReference, model_shape
+from tests.helpers import with_value_bases
 
 
 def tiny_llama(seed: int = 0):
@@ -29,8 +30,8 @@ def adapter_for(model) -> object:
     g = torch.Generator().manual_seed(0)
     bases = [_bases(torch.randn(128, shape.num_kv_heads, shape.head_dim, generator=g), 8)
              for _ in range(shape.num_layers)]
-    return LowRankAdapter("ab" * 16, shape.num_kv_heads, shape.head_dim, 8,
-                          tuple(b[0] for b in bases), tuple(b[1] for b in bases))
+    return with_value_bases(LowRankAdapter("ab" * 16, shape.num_kv_heads, shape.head_dim, 8,
+                                           tuple(b[0] for b in bases), tuple(b[1] for b in bases)))
 
 
 @torch.inference_mode()

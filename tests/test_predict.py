@@ -10,6 +10,7 @@ import torch
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.predict.adapter import AdapterError, LowRankAdapter, _bases
 from kvswap_vllm.predict.base import PREDICTORS, ModelShape, RowBuffer, SelectionConfig, create_predictor, select_batch
+from tests.helpers import with_value_bases
 
 SHAPE = ModelShape(num_layers=2, num_q_heads=6, num_kv_heads=2, head_dim=16)
 SEL = SelectionConfig(budget_tokens=32, group_size=4)  # 8 groups
@@ -23,12 +24,18 @@ def random_adapter(rank: int = 16, seed: int = 0) -> LowRankAdapter:
         j, p, _ = _bases(keys, rank)
         joint.append(j)
         per_head.append(p)
-    return LowRankAdapter("ab" * 16, SHAPE.num_kv_heads, SHAPE.head_dim, rank, tuple(joint), tuple(per_head))
+    return with_value_bases(LowRankAdapter("ab" * 16, SHAPE.num_kv_heads, SHAPE.head_dim, rank, tuple(joint),
+                                           tuple(per_head)), seed=seed + 100)
 
 
 @pytest.fixture(params=list(PREDICTORS))
 def predictor(request):
     return create_predictor(request.param, SHAPE, SEL, random_adapter())
+
+
+def values(keys: torch.Tensor) -> torch.Tensor:
+    """Values to go with `keys` (predictors that estimate the rest keep their low-rank values)."""
+    return keys.roll(1, dims=-1) + 0.5
 
 
 def keys(n_groups: int, seed: int = 1) -> torch.Tensor:
@@ -37,13 +44,13 @@ def keys(n_groups: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_selects_everything_within_budget(predictor) -> None:
-    predictor.append_groups(0, keys(5))
+    predictor.append_groups(0, keys(5), values(keys(5)))
     assert predictor.select(0, torch.randn(6, 16)).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_selection_is_sorted_unique_and_bounded(predictor) -> None:
     for chunk in (keys(30, 1), keys(20, 2)):  # appended in two steps, as decode does
-        predictor.append_groups(1, chunk)
+        predictor.append_groups(1, chunk, values(chunk))
     assert predictor.num_groups(1) == 50
     sel = predictor.select(1, torch.randn(6, 16))
     expected = 50 if predictor.name == "dense" else SEL.budget_groups
@@ -56,7 +63,7 @@ def test_finds_the_group_the_query_points_at(predictor) -> None:
     q = torch.zeros(6, 16)
     q[:, 3] = 10.0
     k[17, 2, :, 3] = 5.0  # one token of group 17, all KV heads, aligned with the query
-    predictor.append_groups(0, k)
+    predictor.append_groups(0, k, values(k))
     sel = predictor.select(0, q).tolist()
     if predictor.name == "window":  # position only: sinks and the most recent groups
         assert sel == [0] + list(range(33, 40))
@@ -65,9 +72,10 @@ def test_finds_the_group_the_query_points_at(predictor) -> None:
 
 
 def test_metadata_size(predictor) -> None:
-    predictor.append_groups(0, keys(10))
+    predictor.append_groups(0, keys(10), values(keys(10)))
     # bytes per token: low-rank keys, rank 16, float16; Quest's min/max keys, float32, per token of a group of 4
-    per_token = {"kvswap": 16 * 2, "kvswap-paper": 16 * 2, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0,
+    # (kvswap also keeps its rank-8 low-rank values, float16)
+    per_token = {"kvswap": 16 * 2 + 8 * 2, "kvswap-paper": 16 * 2, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0,
                  "oracle": SHAPE.num_kv_heads * SHAPE.head_dim * 4}
     assert predictor.metadata_bytes() == pytest.approx(10 * 4 * per_token[predictor.name])
 
@@ -77,16 +85,17 @@ def test_reserved_metadata_is_allocated_once_and_scores_the_same(predictor) -> N
     predictor.reserve(30 * SEL.group_size)
     held = []
     for chunk in (keys(12, 1), keys(1, 2), keys(17, 3)):  # prefill, then decode's flushes
-        predictor.append_groups(1, chunk)
-        plain.append_groups(1, chunk)
+        predictor.append_groups(1, chunk, values(chunk))
+        plain.append_groups(1, chunk, values(chunk))
         held.append(predictor.metadata_bytes())
     whole = create_predictor(predictor.name, SHAPE, SEL, predictor.adapter)
-    whole.append_groups(1, torch.cat([keys(12, 1), keys(1, 2), keys(17, 3)]))
+    k = torch.cat([keys(12, 1), keys(1, 2), keys(17, 3)])
+    whole.append_groups(1, k, values(k))
     assert held == [whole.metadata_bytes()] * 3  # the reserve from the first append: no spare room
     q = torch.randn(6, 16)
     assert torch.equal(predictor.score(1, q), plain.score(1, q))
     assert torch.equal(predictor.score(1, q), whole.score(1, q))
-    predictor.append_groups(1, keys(3, 4))  # past the reserve: it still grows
+    predictor.append_groups(1, keys(3, 4), values(keys(3, 4)))  # past the reserve: it still grows
     assert predictor.num_groups(1) == 33
     assert predictor.metadata_bytes() > held[-1] or not held[-1]
 
@@ -145,7 +154,8 @@ def test_metadata_rows_restore_the_same_scores(predictor) -> None:
 
     keys = torch.randn(20, SEL.group_size, SHAPE.num_kv_heads, SHAPE.head_dim, generator=torch.Generator().manual_seed(3))
     other = create_predictor(predictor.name, SHAPE, SEL, predictor.adapter)
-    aux = [rows_to_aux(predictor.append_groups(1, keys[i:i + 5]), predictor.metadata_id) for i in range(0, 20, 5)]
+    aux = [rows_to_aux(predictor.append_groups(1, keys[i:i + 5], values(keys[i:i + 5])), predictor.metadata_id)
+           for i in range(0, 20, 5)]
     for i, a in enumerate(aux):
         other.import_groups(1, rows_from_aux(a, other.metadata_id, f"file {i}"))
     q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim)
@@ -157,7 +167,8 @@ def test_stored_metadata_of_another_adapter_or_damaged_is_refused() -> None:
     from kvswap_vllm.predict.persisted import MetadataError, rows_from_aux, rows_to_aux
 
     p = create_predictor("kvswap", SHAPE, SEL, random_adapter(seed=1))
-    aux = rows_to_aux(p.append_groups(0, torch.randn(3, 4, SHAPE.num_kv_heads, SHAPE.head_dim)), p.metadata_id)
+    k = torch.randn(3, 4, SHAPE.num_kv_heads, SHAPE.head_dim)
+    aux = rows_to_aux(p.append_groups(0, k, values(k)), p.metadata_id)
     other = create_predictor("kvswap", SHAPE, SEL, random_adapter(seed=2))
     assert other.metadata_id != p.metadata_id
     with pytest.raises(MetadataError, match="this predictor is"):
@@ -175,7 +186,7 @@ def test_batched_selection_equals_one_by_one(predictor) -> None:
     cls_name, adapter = predictor.name, predictor.adapter
     preds = [predictor] + [create_predictor(cls_name, SHAPE, SEL, adapter) for _ in range(2)]
     for p, (n, seed) in zip(preds, [(30, 1), (5, 2), (50, 3)]):
-        p.append_groups(1, keys(n, seed))
+        p.append_groups(1, keys(n, seed), values(keys(n, seed)))
     queries = torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(4))
     together = select_batch(preds, 1, queries)
     assert [t.tolist() for t in together] == [p.select(1, q).tolist() for p, q in zip(preds, queries)]
@@ -199,7 +210,7 @@ def test_headwise_scores_are_each_heads_estimated_attention_mass(score_dtype: to
     adapter = random_adapter()
     p = create_predictor("kvswap", SHAPE, SEL, adapter)
     k = keys(12)
-    p.append_groups(0, k)
+    p.append_groups(0, k, values(k))
     q = torch.randn(6, 16)
     a = adapter.joint[0].view(2, 16, -1)
     k_lr = (k.reshape(48, 32) @ adapter.joint[0]).half().to(score_dtype).float()  # (tokens, r) as kept
@@ -259,13 +270,13 @@ def test_hysteresis_selection_equals_ranking_every_group() -> None:
 def test_hysteresis_reduces_churn_for_every_predictor(predictor) -> None:
     """A query jittering around one direction: with hysteresis, consecutive selections share at
     least as many groups as without (fewer reads), and still contain the top (k - places)."""
-    predictor.append_groups(1, keys(60))
+    predictor.append_groups(1, keys(60), values(keys(60)))
     g = torch.Generator().manual_seed(5)
     base = torch.randn(6, 16, generator=g)
     queries = [base + 0.5 * torch.randn(6, 16, generator=g) for _ in range(12)]
     sticky = SelectionConfig(budget_tokens=SEL.budget_tokens, group_size=SEL.group_size, hysteresis=0.25)
     other = create_predictor(predictor.name, SHAPE, sticky, predictor.adapter)
-    other.append_groups(1, keys(60))
+    other.append_groups(1, keys(60), values(keys(60)))
 
     def overlap(p: object, use_previous: bool) -> int:
         prev, shared = None, 0
@@ -293,9 +304,96 @@ def test_kvswap_with_a_lossless_basis_scores_as_the_oracle(score_dtype: torch.dt
     lowrank = create_predictor("kvswap", SHAPE, SEL, random_adapter(rank=full))
     oracle = create_predictor("oracle", SHAPE, SEL)
     k = keys(40) * 10
-    lowrank.append_groups(0, k)
-    oracle.append_groups(0, k)
+    lowrank.append_groups(0, k, values(k))
+    oracle.append_groups(0, k, values(k))
     q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim, generator=torch.Generator().manual_seed(4))
     exact = oracle.score(0, q)
     assert exact.shape == (40,) and exact.sum() == pytest.approx(SHAPE.num_q_heads, rel=1e-4)
     assert torch.allclose(lowrank.score(0, q), exact, rtol=1e-2, atol=1e-3)
+
+
+def _dense_and_sparse(rest_rank: int, seed: int = 5):
+    """A kvswap predictor with lossless key and value bases over 40 groups; (dense attention of
+    a query over all tokens, the selection's attention, the same merged with the rest)."""
+    from kvswap_vllm.attention.sparse import decode_attention
+
+    full = SHAPE.num_kv_heads * SHAPE.head_dim
+    sel = SelectionConfig(budget_tokens=32, group_size=4, residual_rank=rest_rank)
+    p = create_predictor("kvswap", SHAPE, sel, with_value_bases(random_adapter(rank=full), rank=full))
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
+    v = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
+    p.append_groups(0, k, v)
+    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim, generator=g)
+    ids = p.select(0, q)
+    as_heads = lambda x: x.reshape(160, SHAPE.num_kv_heads, SHAPE.head_dim).transpose(0, 1)  # noqa: E731
+    kk, vv = as_heads(k), as_heads(v)
+    tokens = (ids.view(-1, 1) * 4 + torch.arange(4)).flatten()
+    scale = SHAPE.head_dim**-0.5
+    dense = decode_attention(q.unsqueeze(1), kk, vv, scale)
+    exact = decode_attention(q.unsqueeze(1), kk[:, tokens], vv[:, tokens], scale)
+    return p, ids, dense, exact, decode_attention(q.unsqueeze(1), kk[:, tokens], vv[:, tokens], scale, p.rest(0, ids))
+
+
+def test_rest_with_lossless_bases_recovers_dense_attention() -> None:
+    """With full-rank key and value bases the estimate of the unselected groups is exact (up to
+    the half precision rows are kept in): selection + rest = attention over everything."""
+    full = SHAPE.num_kv_heads * SHAPE.head_dim
+    _, _, dense, exact, merged = _dense_and_sparse(full)
+    err_without, err_with = (dense - exact).abs().max(), (dense - merged).abs().max()
+    assert err_without > 0.05 and err_with < 0.02 * err_without + 5e-3, (err_without, err_with)
+
+
+def test_rest_is_only_of_the_latest_selection_and_none_when_everything_is_selected() -> None:
+    p, ids, _, exact, merged = _dense_and_sparse(8)
+    assert p.rest(0, ids) is not None and not torch.equal(exact, merged)
+    assert p.rest(0, ids[:-1]) is None and p.rest(1, ids) is None  # another selection, a layer never selected
+    q = torch.zeros(SHAPE.num_q_heads, SHAPE.head_dim)
+    q[:, 0] = 50.0  # another query: another selection replaces the estimate
+    again = p.select(0, q)
+    assert not torch.equal(again, ids) and p.rest(0, ids) is None and p.rest(0, again) is not None
+    small = create_predictor("kvswap", SHAPE, SEL, random_adapter())
+    small.append_groups(0, keys(5), values(keys(5)))
+    assert small.rest(0, small.select(0, torch.randn(6, 16))) is None  # all 5 groups within the budget
+
+
+def test_no_residual_keeps_keys_only_and_adapters_without_values_fall_back(caplog) -> None:
+    import dataclasses
+
+    adapter = random_adapter()
+    off = create_predictor("kvswap", SHAPE, SelectionConfig(32, 4, residual_rank=0), adapter)
+    on = create_predictor("kvswap", SHAPE, SEL, adapter)
+    assert not off.needs_values and on.needs_values and off.metadata_id != on.metadata_id
+    assert off.group_metadata(0, keys(2)).shape == (2, 4, 16)
+    assert on.group_metadata(0, keys(2), values(keys(2))).shape == (2, 4, 16 + 8)
+    with pytest.raises(ValueError, match="needs the values"):
+        on.group_metadata(0, keys(2))
+    with pytest.raises(ValueError, match="this predictor keeps 16 \\+ 8"):
+        on.import_groups(0, off.group_metadata(0, keys(2)))
+    with caplog.at_level("WARNING", logger="kvswap"):
+        old = create_predictor("kvswap", SHAPE, SEL, dataclasses.replace(adapter, value=()))
+    assert old.value_rank == 0 and "no value bases" in caplog.text
+    with pytest.raises(KVSwapError, match="exceeds the adapter's value rank 16"):
+        create_predictor("kvswap", SHAPE, SelectionConfig(32, 4, residual_rank=17), adapter)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
+def test_bad_residual_rank_is_refused(bad) -> None:
+    with pytest.raises(KVSwapError, match="residual_rank"):
+        SelectionConfig(budget_tokens=32, group_size=4, residual_rank=bad)
+
+
+def test_adapter_keeps_its_value_bases(tmp_path: Path) -> None:
+    from kvswap_vllm.predict.adapter import has_value_bases
+
+    a = random_adapter()
+    a.save(tmp_path / "with")
+    b = LowRankAdapter.load(tmp_path / "with", "ab" * 16)
+    assert b.value_rank == 16 and all(torch.equal(x, y) for x, y in zip(a.value, b.value))
+    assert b.digest == a.digest and has_value_bases(tmp_path / "with")
+    import dataclasses
+
+    dataclasses.replace(a, value=()).save(tmp_path / "without")
+    c = LowRankAdapter.load(tmp_path / "without", "ab" * 16)
+    assert c.value_rank == 0 and c.digest != a.digest and not has_value_bases(tmp_path / "without")
+    assert not has_value_bases(tmp_path / "missing")

@@ -15,8 +15,10 @@ from kvswap_vllm.predict.base import ModelShape, SelectionConfig
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig
 from kvswap_vllm.store import DiskStore, StoreConfig
 from kvswap_vllm.vllm.sparse_attention import SparseRuntime
+from tests.helpers import with_value_bases
 
 SHAPE = ModelShape(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8)
+SCALE = SHAPE.head_dim**-0.5  # the models' scaling, which the predictor's estimate of the rest assumes
 
 
 def _meta(lens: list[int], ctx: list[int], first_blocks: list[int]) -> SimpleNamespace:
@@ -36,7 +38,7 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -
     t, n = q.shape[0], k.shape[0]
     mask = torch.arange(n)[None, :] <= (torch.arange(t) + offset)[:, None]
     o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                       scale=0.5, enable_gqa=True)
+                                       scale=SCALE, enable_gqa=True)
     return o.transpose(0, 1)
 
 
@@ -65,7 +67,7 @@ def test_runtime_with_full_budget_equals_plain_attention(tmp_path: Path, chunk: 
             for layer in range(3):
                 q, k, v = (torch.cat([qkv[b][j][done[b]:done[b] + n[b]] for b in batch]) for j in range(3))
                 out = torch.zeros(q.shape[0], 4 * 8)
-                rt.attend(layer, q, k, v, meta, out, scale=0.5)
+                rt.attend(layer, q, k, v, meta, out, scale=SCALE)
                 row = 0
                 for b in batch:
                     end = done[b] + n[b]
@@ -99,8 +101,8 @@ def _adapter(seed: int):
 
     g = torch.Generator().manual_seed(seed)
     bases = [_bases(torch.randn(128, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g), 8) for _ in range(2)]
-    return LowRankAdapter("ab" * 16, SHAPE.num_kv_heads, SHAPE.head_dim, 8, tuple(b[0] for b in bases),
-                          tuple(b[1] for b in bases))
+    return with_value_bases(LowRankAdapter("ab" * 16, SHAPE.num_kv_heads, SHAPE.head_dim, 8,
+                                           tuple(b[0] for b in bases), tuple(b[1] for b in bases)), seed=seed + 1)
 
 
 def _run(rt: SparseRuntime, key: int, qkv: list[torch.Tensor], start: int, steps: list[int]) -> list[torch.Tensor]:
@@ -111,7 +113,7 @@ def _run(rt: SparseRuntime, key: int, qkv: list[torch.Tensor], start: int, steps
         for layer in range(2):
             q, k, v = (t[done:done + n] for t in qkv)
             out = torch.zeros(n, 4 * 8)
-            rt.attend(layer, q, k, v, meta, out, scale=0.5)
+            rt.attend(layer, q, k, v, meta, out, scale=SCALE)
             outs.append(out)
         done += n
     return outs
@@ -133,15 +135,15 @@ def test_restarted_runtime_adopts_a_stored_prompt_with_its_metadata(tmp_path: Pa
         rt.start_step(_step_meta(prompt_hashes={11: hashes}, expected_tokens={11: 45}))
         first = _run(rt, 11, qkv, 0, [16, 16, 5] + [1] * 8)
         # Metadata sized once from the scheduler's expected length: 11 groups x 4 tokens x
-        # rank 8 x 2 bytes per layer, no spare room.
-        assert rt._seqs[11].predictor.metadata_bytes() == 2 * 11 * 4 * 8 * 2 and not rt._expected
+        # (rank-8 keys + rank-8 values) x 2 bytes per layer, no spare room.
+        assert rt._seqs[11].predictor.metadata_bytes() == 2 * 11 * 4 * 16 * 2 and not rt._expected
         rt.close()
     with DiskStore(cfg) as store:  # the restart
         rt = SparseRuntime(store, SHAPE, config, _adapter(0), block_tokens=8)
         rt.start_step(_step_meta(adopt=[(50, [50, 51, 52, 53], hashes)], expected_tokens={50: 45}))
         assert rt.adopted_tokens == 32 and not rt.take_errors()
         again = _run(rt, 50, qkv, 32, [5] + [1] * 8)
-        assert rt._seqs[50].predictor.metadata_bytes() == 2 * 11 * 4 * 8 * 2
+        assert rt._seqs[50].predictor.metadata_bytes() == 2 * 11 * 4 * 16 * 2
         for a, b in zip(first[-len(again):], again):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         rt.close()
@@ -150,7 +152,7 @@ def test_restarted_runtime_adopts_a_stored_prompt_with_its_metadata(tmp_path: Pa
         rt.start_step(_step_meta(adopt=[(60, [60, 61, 62, 63], hashes)]))
         assert rt.take_errors() == {60, 61, 62, 63} and rt.adopted_tokens == 0
         out = torch.full((5, 32), 7.0)
-        rt.attend(0, *(t[32:37] for t in qkv), _meta([5], [32], [60]), out, scale=0.5)
+        rt.attend(0, *(t[32:37] for t in qkv), _meta([5], [32], [60]), out, scale=SCALE)
         assert (out == 7.0).all()  # skipped: vLLM recomputes the request from its first block
         assert len(_run(rt, 60, qkv, 0, [37])) == 2  # ... and then it runs as a new request
         rt.close()
@@ -162,7 +164,7 @@ def test_restarted_runtime_adopts_a_stored_prompt_with_its_metadata(tmp_path: Pa
         rt.start_step(_step_meta(adopt=[(70, [70, 71, 72, 73], hashes)]))
         assert rt.adopted_tokens == 32
         for layer in range(2):
-            rt.attend(layer, *(t[32:37] for t in qkv), _meta([5], [32], [70]), torch.zeros(5, 32), scale=0.5)
+            rt.attend(layer, *(t[32:37] for t in qkv), _meta([5], [32], [70]), torch.zeros(5, 32), scale=SCALE)
         assert rt.take_errors() == {70} and 70 not in rt._seqs
         rt.close()
 

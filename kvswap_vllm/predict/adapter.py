@@ -1,8 +1,11 @@
-"""The low-rank key adapter: per layer, SVD bases of post-RoPE keys, bound to one model.
+"""The low-rank adapter: per layer, SVD bases of post-RoPE keys and of values, bound to one model.
 
-Two bases per layer, same metadata size per token (`rank` numbers):
+Key bases, two per layer, same metadata size per token (`rank` numbers):
 - joint: (num_kv_heads * head_dim, rank), all KV heads concatenated (the paper's A_l);
 - per_head: (num_kv_heads, head_dim, rank // num_kv_heads), one basis per KV head.
+Value basis, one per layer: value: (num_kv_heads * head_dim, rank), all KV heads concatenated;
+its leading columns give the low-rank values with which `kvswap` estimates the attention the
+selection leaves out (predict/lowrank.py). Adapters written before it have none (`value` empty).
 Saved as safetensors (tensors) + JSON (metadata, model fingerprint).
 """
 
@@ -43,6 +46,8 @@ class LowRankAdapter:
     # Per layer: (num_kv_heads, head_dim, rank // num_kv_heads).
     per_head: tuple[torch.Tensor, ...]
     meta: dict = field(default_factory=dict)
+    # Per layer: (num_kv_heads * head_dim, value_rank); empty: calibrated without values.
+    value: tuple[torch.Tensor, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -52,11 +57,16 @@ class LowRankAdapter:
     def per_head_rank(self) -> int:
         return int(self.per_head[0].shape[-1])
 
+    @property
+    def value_rank(self) -> int:
+        """Columns of the value bases (0: none)."""
+        return int(self.value[0].shape[-1]) if self.value else 0
+
     @functools.cached_property
     def digest(self) -> str:
-        """Identifies the bases: low-rank keys projected with other bases are not comparable."""
+        """Identifies the bases: low-rank rows projected with other bases are not comparable."""
         h = hashlib.sha256()
-        for t in self.joint:
+        for t in (*self.joint, *self.value):
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -67,6 +77,7 @@ class LowRankAdapter:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"joint.{i}": t.contiguous() for i, t in enumerate(self.joint)}
         tensors.update({f"per_head.{i}": t.contiguous() for i, t in enumerate(self.per_head)})
+        tensors.update({f"value.{i}": t.contiguous() for i, t in enumerate(self.value)})
         meta = {**self.meta, "format": ADAPTER_FORMAT, "model_fingerprint": self.model_fingerprint,
                 "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "rank": self.rank,
                 "num_layers": self.num_layers, "kvswap_version": __version__}
@@ -101,10 +112,12 @@ class LowRankAdapter:
         try:
             joint = tuple(tensors[f"joint.{i}"] for i in range(n))
             per_head = tuple(tensors[f"per_head.{i}"] for i in range(n))
+            # All layers or none: an adapter from before value bases has none.
+            value = tuple(tensors[f"value.{i}"] for i in range(n)) if "value.0" in tensors else ()
         except KeyError as exc:
             raise AdapterError(f"damaged low-rank adapter {st}: missing {exc}") from exc
         return cls(meta["model_fingerprint"], meta["num_kv_heads"], meta["head_dim"], meta["rank"],
-                   joint, per_head, meta)
+                   joint, per_head, meta, value)
 
 
 def adapter_for(predictor: str, model_fingerprint: str, head_dim: int, path: Path | None = None) -> "LowRankAdapter | None":
@@ -116,19 +129,35 @@ def adapter_for(predictor: str, model_fingerprint: str, head_dim: int, path: Pat
     return LowRankAdapter.load(path or default_adapter_path(model_fingerprint, head_dim), model_fingerprint)
 
 
+def has_value_bases(path: Path) -> bool:
+    """Whether the adapter at `path` has value bases (False when it cannot be read either)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path.with_suffix(".safetensors")), "pt") as f:
+            return "value.0" in f.keys()
+    except Exception:
+        return False
+
+
 def default_adapter_path(model_fingerprint: str, rank: int) -> Path:
     from kvswap_vllm.paths import kvswap_home
 
     return kvswap_home() / "adapters" / model_fingerprint[:32] / f"rank{rank}"
 
 
+def joint_basis(rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
+    """rows: (tokens, num_kv_heads, head_dim) -> the top `rank` right singular vectors of all
+    heads concatenated, (H * d, rank), and the share of the energy they keep."""
+    t, h, d = rows.shape
+    _, s, vh = torch.linalg.svd(rows.reshape(t, h * d).double(), full_matrices=False)
+    return vh[:rank].T.float(), float((s[:rank] ** 2).sum() / (s**2).sum())
+
+
 def _bases(keys: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """keys: (tokens, num_kv_heads, head_dim) -> joint basis, per-head bases, energy kept."""
-    t, h, d = keys.shape
-    flat = keys.reshape(t, h * d).double()
-    _, s, vh = torch.linalg.svd(flat, full_matrices=False)
-    joint = vh[:rank].T.float()
-    energy = float((s[:rank] ** 2).sum() / (s**2).sum())
+    h = keys.shape[1]
+    joint, energy = joint_basis(keys, rank)
     r_h = max(1, rank // h)
     per_head = torch.stack([torch.linalg.svd(keys[:, i].double(), full_matrices=False)[2][:r_h].T
                             for i in range(h)]).float()
@@ -166,15 +195,20 @@ def calibrate(model_dir: Path, texts: Sequence[str], rank: int | None = None, ma
             print(f"\rkvswap: calibrate: {done}/{ids.shape[1]} tokens through the model", end="",
                   file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    joint, per_head, energy = [], [], []
+    joint, per_head, energy, value, value_energy = [], [], [], [], []
     for i, layer in enumerate(cache.layers):
         keys = layer.keys[0].transpose(0, 1)  # (tokens, heads, head_dim), post-RoPE
         j, p, e = _bases(keys, rank)
         joint.append(j)
         per_head.append(p)
         energy.append(round(e, 4))
+        v, e = joint_basis(layer.values[0].transpose(0, 1), rank)
+        value.append(v)
+        value_energy.append(round(e, 4))
         print(f"\rkvswap: calibrate: SVD of layer {i + 1}/{len(cache.layers)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     meta = {"calibration_tokens": int(ids.shape[1]), "text_source": text_source,
-            "joint_energy_kept": energy, "seconds": round(time.perf_counter() - t0, 1)}
-    return LowRankAdapter(model_fingerprint(model_dir), h, d, rank, tuple(joint), tuple(per_head), meta)
+            "joint_energy_kept": energy, "value_energy_kept": value_energy,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    return LowRankAdapter(model_fingerprint(model_dir), h, d, rank, tuple(joint), tuple(per_head), meta,
+                          tuple(value))

@@ -23,7 +23,7 @@ class ExactKeys(Predictor):
         super().__init__(*args, **kwargs)
         self._keys = [RowBuffer() for _ in range(self.shape.num_layers)]  # (tokens, H, d) float32 per layer
 
-    def group_metadata(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+    def group_metadata(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         return keys.float().contiguous()  # (groups, G, H, d)
 
     def _store(self, layer: int, rows: torch.Tensor) -> None:

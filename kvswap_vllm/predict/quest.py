@@ -19,7 +19,7 @@ class Quest(Predictor):
         self._min = [RowBuffer() for _ in range(self.shape.num_layers)]
         self._max = [RowBuffer() for _ in range(self.shape.num_layers)]
 
-    def group_metadata(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+    def group_metadata(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         return torch.stack([keys.amin(dim=1), keys.amax(dim=1)], dim=1).float()  # (groups, 2, H, d)
 
     def _store(self, layer: int, rows: torch.Tensor) -> None:

@@ -64,8 +64,8 @@ class HFGenerator(Generator):
         if opts.hot_tier_mb is not None:
             budget = budget_tokens_for(opts.hot_tier_mb, shape.token_bytes(self._model.dtype.itemsize), shape.num_layers,
                                        1, opts.group_size, "--budget-mb")
-        hysteresis = {} if opts.hysteresis is None else {"hysteresis": opts.hysteresis}
-        selection = SelectionConfig(budget_tokens=budget, group_size=opts.group_size, **hysteresis)
+        given = {name: getattr(opts, name) for name in ("hysteresis", "residual_rank") if getattr(opts, name) is not None}
+        selection = SelectionConfig(budget_tokens=budget, group_size=opts.group_size, **given)
         if opts.predictor == "dense":
             selection = SelectionConfig(budget_tokens=self.config.max_model_len, group_size=opts.group_size)
         prefetch = default_prefetch(True, self.config.device) if opts.prefetch is None else opts.prefetch

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvswap_vllm.predict.base import expected_tokens
 from kvswap_vllm.resources import return_freed_memory_promptly, trim_heap
-from kvswap_vllm.runtime.hf_kvswap import attend, layer_query, model_shape, register_attention
+from kvswap_vllm.runtime.hf_kvswap import attend_decode, layer_query, model_shape, register_attention
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig, KVSwapSequence
 from kvswap_vllm.store.disk_store import DiskStore
 
@@ -153,10 +153,11 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
         scale = kwargs.get("scaling") or module.scaling
         out = rt.current.core.prefill_attention(module.layer_idx, query[0], key[0], value[0], scale)
         return out.transpose(0, 1).unsqueeze(0), None
-    hk, hv = rt.current.core.hot_kv(module.layer_idx)
+    core = rt.current.core
+    hk, hv = core.hot_kv(module.layer_idx)
     k = torch.cat([hk.unsqueeze(0), key], dim=2)
     v = torch.cat([hv.unsqueeze(0), value], dim=2)
-    return attend(module, query, k, v, None, **kwargs)
+    return attend_decode(module, query, k, v, core.rest(module.layer_idx), **kwargs)
 
 
 @torch.inference_mode()

@@ -13,8 +13,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvswap_vllm.attention.sparse import attention_mass, gather_kv, selected_positions
-from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor
+from kvswap_vllm.attention.sparse import attention_mass, decode_attention, gather_kv, selected_positions
+from kvswap_vllm.predict.base import ModelShape, Predictor, RestEstimate, SelectionConfig, create_predictor
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig
 
 ATTENTION_NAME = "kvswap_reference"
@@ -73,6 +73,17 @@ def attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
         enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def attend_decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rest: RestEstimate | None,
+                  **kwargs):
+    """A decode step's attention over the selected K/V (batch 1): `attend` (HF's numbers, so a
+    covering selection is bit for bit dense), or with `rest`, merged with it (sparse.decode_attention)."""
+    if rest is None:
+        return attend(module, query, key, value, None, **kwargs)
+    scale = kwargs.get("scaling") or module.scaling
+    out = decode_attention(query[0], key[0], value[0], scale, rest)  # (Hq, 1, d)
+    return out.transpose(0, 1).unsqueeze(0), None
 
 
 def _rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -152,9 +163,13 @@ class KVSwapReference:
         predicted = self._q_pred.get(layer) if self.layer_ahead and layer >= 2 else None
         prev = self._last.get(layer)
         previous = None if prev is None else torch.tensor(sorted(prev), dtype=torch.int64)
-        groups = self.predictor.select(layer, real_q if predicted is None or self.reselect else predicted, previous)
-        if predicted is not None and self.reselect and len(groups):
+        # The prediction's selection first: the selection attended to must be the predictor's last
+        # (its estimate of the rest is of that one).
+        ahead = None
+        if predicted is not None and self.reselect:
             ahead = set(self.predictor.select(layer, predicted, previous).tolist())
+        groups = self.predictor.select(layer, real_q if predicted is None or self.reselect else predicted, previous)
+        if ahead is not None and len(groups):
             self.stats.ahead_hit_sum[layer] += sum(gid in ahead for gid in groups.tolist()) / len(groups)
             self.stats.ahead_steps[layer] += 1
         positions = selected_positions(groups, g, self.predictor.num_groups(layer) * g, key.shape[2])
@@ -170,9 +185,9 @@ class KVSwapReference:
         if self.measure_recall:
             st.recall_sum[layer] += attention_mass(real_q, key[0], positions, kwargs.get("scaling") or module.scaling)
             st.recall_steps[layer] += 1
-        return attend(module, query, k_sel, v_sel, None, **kwargs)
+        return attend_decode(module, query, k_sel, v_sel, self.predictor.rest(layer, groups), **kwargs)
 
-    def _record_groups(self, module, key, new_tokens: int) -> None:
+    def _record_groups(self, module, key, value, new_tokens: int) -> None:
         """Metadata for groups completed before this step's tokens (a group the current token
         completes stays in the tail for this step, so a token always attends to itself); in
         decode only once the tail holds `flush_groups` groups, as the disk runtimes flush it."""
@@ -182,8 +197,8 @@ class KVSwapReference:
         if new_tokens == 1 and before - have * g < self.flush_groups * g:
             full = have
         if full > have:
-            new = key[0, :, have * g:full * g].transpose(0, 1)  # (tokens, H, d)
-            self.predictor.append_groups(layer, new.reshape(full - have, g, *new.shape[1:]))
+            new_k, new_v = (x[0, :, have * g:full * g].transpose(0, 1) for x in (key, value))  # (tokens, H, d)
+            self.predictor.append_groups(layer, *(x.reshape(full - have, g, *x.shape[1:]) for x in (new_k, new_v)))
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
@@ -191,7 +206,7 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     ref: KVSwapReference = module._kvswap
     if key.shape[0] != 1:
         raise ValueError("the KVSwap reference runtime decodes one sequence at a time (batch 1)")
-    ref._record_groups(module, key, query.shape[2])
+    ref._record_groups(module, key, value, query.shape[2])
     if not ref.sparse or query.shape[2] != 1:
         return attend(module, query, key, value, attention_mask, **kwargs)
     return ref._decode(module, query, key, value, **kwargs)

@@ -21,7 +21,8 @@ import torch
 
 from kvswap_vllm.attention.blockwise import BlockwiseSoftmax, attention_with_lse
 from kvswap_vllm.hot.tier import HotTier
-from kvswap_vllm.predict.base import ModelShape, Predictor, SelectionConfig, create_predictor, select_batch
+from kvswap_vllm.predict.base import (ModelShape, Predictor, RestEstimate, SelectionConfig, create_predictor,
+                                      select_batch)
 from kvswap_vllm.predict.persisted import rows_from_aux, rows_to_aux
 from kvswap_vllm.prefetch.pipeline import LayerPrefetcher, OwnLoads
 from kvswap_vllm.resources import trim_heap
@@ -313,6 +314,12 @@ class KVSwapSequence:
         self._attended[layer] = torch.tensor(res.groups, dtype=torch.int64)
         return self.hot.gather(layer, res.slots)
 
+    def rest(self, layer: int) -> RestEstimate | None:
+        """The predictor's estimate of the attention to the full groups `layer` did not attend to
+        at this step (after `hot_kv`), or None: nothing left out, or a predictor without one."""
+        attended = self._attended[layer]
+        return None if attended is None else self.predictor.rest(layer, attended)
+
     def decode_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                   query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of `layer`: K and V to attend to (selected groups, then the tail)."""
@@ -341,7 +348,7 @@ class KVSwapSequence:
         groups[:, :, 1] = v.reshape(h, n, g, d).transpose(0, 1)
         first = self.disk_groups[layer]
         # From the host copy: the predictor's metadata lives in host memory.
-        rows = self.predictor.group_metadata(layer, groups[:, :, 0].transpose(1, 2))
+        rows = self.predictor.group_metadata(layer, groups[:, :, 0].transpose(1, 2), groups[:, :, 1].transpose(1, 2))
         hashes, aux = None, None
         if self.persist is not None:
             hashes = self.persist.hashes_for(first, n, g)

@@ -31,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
+from kvswap_vllm.attention.sparse import decode_attention
 from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.predict.adapter import adapter_for
 from kvswap_vllm.predict.base import ModelShape, SelectionConfig
@@ -214,7 +215,7 @@ class SparseRuntime:
         try:
             if e - s == 1 and context > 0:
                 kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
-                o = _decode_attention(q, kk, vv, scale)
+                o = decode_attention(q, kk, vv, scale, seq.rest(layer))
             else:
                 o = seq.prefill_attention(layer, q, k, v, scale, seed_prefetch=True)
         except (KVSwapError, OSError, RuntimeError) as exc:
@@ -339,7 +340,8 @@ def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> Spars
     token_bytes = shape.token_bytes(getattr(torch, identity.dtype).itemsize)
     budget = mc.max_model_len if options.predictor == "dense" else options.tokens_per_layer(
         token_bytes, shape.num_layers, vllm_config.scheduler_config.max_num_seqs)
-    selection = SelectionConfig(budget_tokens=budget, group_size=options.group_size, hysteresis=options.hysteresis)
+    selection = SelectionConfig(budget_tokens=budget, group_size=options.group_size, hysteresis=options.hysteresis,
+                                residual_rank=options.residual_rank)
     adapter = adapter_for(options.predictor, identity.model_fingerprint, shape.head_dim)
     if not return_freed_memory_promptly():
         log.info("kvswap: not glibc: freed memory may stay resident after large transient tensors")
@@ -366,15 +368,6 @@ def _eager(vllm_config: Any) -> bool:
     from vllm.config import CompilationMode
 
     return vllm_config.model_config.enforce_eager or vllm_config.compilation_config.mode == CompilationMode.NONE
-
-
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token: q (Hq, 1, D) against k/v (Hkv, T, D), the query heads of a KV head
-    batched together. (torch's SDPA with enable_gqa takes ~1 ms here on CPU, this ~60 us.)"""
-    hq, hkv = q.shape[0], k.shape[0]
-    qq = q.reshape(hkv, hq // hkv, q.shape[-1])
-    probs = torch.softmax(torch.bmm(qq, k.transpose(1, 2)) * scale, dim=-1)
-    return torch.bmm(probs, v).view(hq, 1, -1)
 
 
 def active_runtime() -> tuple[SparseRuntime, Any] | None:
