@@ -126,6 +126,20 @@ def _project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (x.reshape(n * g, -1).float() @ basis).half().view(n, g, -1)
 
 
+def _log_sum_exp(logits: torch.Tensor, probs: torch.Tensor, picked: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per row, the log-sum-exp of `logits` (q_heads, tokens), read off their softmax `probs` at
+    the most probable of `tokens` (picked = probs[:, tokens]): lse = logit - log p there. A pass
+    of logsumexp over every token would cost about as much as the rest of the estimate; a row
+    whose picked probabilities all underflow is computed in full."""
+    best = picked.max(dim=-1)
+    rows = torch.arange(logits.shape[0])
+    lse = logits[rows, tokens[best.indices]].float() - torch.log(best.values)
+    lost = best.values < 1e-30
+    if bool(lost.any()):
+        lse[lost] = torch.logsumexp(logits[lost].float(), dim=-1)
+    return lse
+
+
 #: Below this estimated mass per head the rest is taken as nothing (its share is then within
 #: float32 rounding of the selection's, and dividing by it would amplify that rounding).
 MIN_REST_MASS = 1e-6
@@ -153,7 +167,7 @@ class HeadwiseLowRank(JointLowRank):
         self.value_rank = value_rank_for(self.selection.residual_rank, self.adapter)
         self._lv = [RowBuffer() for _ in range(self.shape.num_layers)] if self.value_rank else []  # (tokens, rv)
         # From score_batch to note_selection, per layer: the estimated distribution per head
-        # (q_heads, tokens) and the log-sum-exp of its logits (q_heads,).
+        # and the logits it is the softmax of, (q_heads, tokens) each.
         self._scored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rest: dict[int, RestEstimate | None] = {}
 
@@ -201,16 +215,20 @@ class HeadwiseLowRank(JointLowRank):
         est = self._rest.get(layer)
         return est if est is not None and torch.equal(est.groups, groups) else None
 
-    def _estimate_rest(self, layer: int, groups: torch.Tensor, probs: torch.Tensor, lse: torch.Tensor) -> RestEstimate:
+    def _estimate_rest(self, layer: int, groups: torch.Tensor, probs: torch.Tensor,
+                       logits: torch.Tensor) -> RestEstimate:
         """The unselected tokens' share of each head's estimated distribution, as a softmax block:
-        its log-sum-exp and its output over their low-rank values (mapped back per KV head)."""
+        its log-sum-exp and its output over their low-rank values (mapped back per KV head).
+        Measured at 8 x 7k tokens: ~0.1 ms per sequence and layer (scoring: ~0.3 ms)."""
         s, g = self.shape, self.selection.group_size
         tokens = (groups.view(-1, 1) * g + torch.arange(g)).flatten()
-        values = self._lv[layer].view().float()  # (tokens, rv)
+        # (rv, tokens) float32, rows contiguous: the product with probs is 3x faster this way
+        values = self._lv[layer].view().T.to(torch.float32, memory_format=torch.contiguous_format)
         picked = probs[:, tokens]  # (q_heads, M)
         mass = 1 - picked.sum(dim=-1)
         # Everything minus the selection: two small products instead of gathering the rest.
-        out_lr = probs @ values - picked @ values[tokens]  # (q_heads, rv)
+        out_lr = probs @ values.T - picked @ values[:, tokens].T  # (q_heads, rv)
+        lse = _log_sum_exp(logits, probs, picked, tokens)
         left = mass > MIN_REST_MASS
         out_lr = out_lr / mass.clamp_min(MIN_REST_MASS).unsqueeze(-1) * left.unsqueeze(-1)
         basis = self.adapter.value[layer][:, :self.value_rank].view(s.num_kv_heads, s.head_dim, -1)
@@ -237,7 +255,7 @@ class HeadwiseLowRank(JointLowRank):
             logits = q_lr[i].to(keys.dtype) @ keys.T
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             if p.value_rank:  # kept for the rest of the selection (note_selection)
-                p._scored[layer] = (probs, torch.logsumexp(logits.float(), dim=-1))
+                p._scored[layer] = (probs, logits)
             mass = probs.sum(dim=0)
             n = keys.shape[0] // g
             scores[i, :n] = mass[:n * g].view(n, g).sum(dim=1)
