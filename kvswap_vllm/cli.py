@@ -37,6 +37,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -372,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="groups attended at a layer's previous step rank this share of M/G places higher in "
                      "its next selection: near-ties stay instead of costing a read (0 = plain top-k; default: "
                      "the runtime's)")
-    gen.add_argument("--residual-rank", type=int, default=None,
+    gen.add_argument("--residual-rank", type=_nonnegative_int, default=None,
                      help="kvswap: rank of the low-rank values that estimate the attention to the groups the "
                      "selection leaves out (0 = attend to the selection alone; default: 8)")
     gen.add_argument("--vllm-connector", choices=["kvswap", "none"], default="kvswap",
