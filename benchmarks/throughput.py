@@ -8,7 +8,7 @@ and against the other disk-offload designs, on the same engine and harness.
 
 Systems (SYSTEMS below): `vllm-full` stock vLLM; `kvswap` (the defaults: exact selection, and
 prefetch only where it pays, i.e. not on the CPU); `kvswap-noreuse` (every step reads its whole
-selection); `kvswap-plain` (plain top-k: no hysteresis); `kvswap-prefetch` (step-start and layer-ahead prefetch forced on); `kvswap-noprefetch`
+selection); `kvswap-plain` (plain top-k: no hysteresis); `kvswap-noresidual` (attends to the selection alone, no estimate of the rest); `kvswap-prefetch` (step-start and layer-ahead prefetch forced on); `kvswap-noprefetch`
 (each layer selects from its own query when it runs, reads on the critical path); `kvswap-ahead` (attends to the layer-ahead prediction, as the paper
 does, instead of re-selecting with each layer's own query); `infinigen` (InfiniGen*-style: the
 paper's low-rank predictor over single tokens, no reuse); `dense-disk` (FlexGen-style: the whole
@@ -176,7 +176,7 @@ def _run_child(spec: dict) -> tuple[dict, dict | None]:
 
 
 #: Systems of `--engine hf` (HF transformers, one prompt at a time): its own dense cache, or KVSwap.
-HF_SYSTEMS = ("hf-full", "kvswap", "kvswap-plain", "kvswap-prefetch", "kvswap-noprefetch")
+HF_SYSTEMS = ("hf-full", "kvswap", "kvswap-plain", "kvswap-noresidual", "kvswap-prefetch", "kvswap-noprefetch")
 
 
 def _child_hf(spec_path: Path, out_path: Path) -> None:
