@@ -397,3 +397,24 @@ def test_adapter_keeps_its_value_bases(tmp_path: Path) -> None:
     c = LowRankAdapter.load(tmp_path / "without", "ab" * 16)
     assert c.value_rank == 0 and c.digest != a.digest and not has_value_bases(tmp_path / "without")
     assert not has_value_bases(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("when", ["prepared at once", "asked later", "after new groups"])
+def test_rest_is_that_of_the_selection_however_late_it_is_computed(when) -> None:
+    """Runtimes compute the estimate while the selection's reads are in flight (prepare_rest),
+    or rest() computes it on first use; groups flushed in between are not part of that
+    selection's rest (the step attends to them exactly, in its tail)."""
+    p, ids, _, _, _ = _dense_and_sparse(8)
+    reference = p.rest(0, ids)
+    g = torch.Generator().manual_seed(5)  # _dense_and_sparse's draws: its keys, values, query
+    for shape in ((40, 4, SHAPE.num_kv_heads, SHAPE.head_dim),) * 2 + ((SHAPE.num_q_heads, SHAPE.head_dim),):
+        q = torch.randn(*shape, generator=g)
+    again = p.select(0, q)  # the same selection, its estimate not computed yet
+    assert torch.equal(again, ids)
+    if when == "prepared at once":
+        p.prepare_rest(0)
+    elif when == "after new groups":
+        k = torch.randn(2, 4, SHAPE.num_kv_heads, SHAPE.head_dim)
+        p.append_groups(0, k, torch.randn_like(k))
+    est = p.rest(0, ids)
+    assert torch.equal(est.out, reference.out) and torch.equal(est.lse, reference.lse)

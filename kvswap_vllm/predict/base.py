@@ -160,6 +160,11 @@ class Predictor(ABC):
     def note_selection(self, layer: int, groups: torch.Tensor) -> None:
         """`select_batch` chose `groups` for `layer` (after `score_batch`, if it scored)."""
 
+    def prepare_rest(self, layer: int) -> None:
+        """Compute the estimate of the rest of `layer`'s latest selection now (the runtimes call
+        it while that selection's reads are in flight, so the work hides behind the disk);
+        otherwise `rest` computes it when first asked."""
+
     def rest(self, layer: int, groups: torch.Tensor) -> RestEstimate | None:
         """The estimated attention to the full groups outside `groups` (the ids `layer` attends
         to, ascending), if this predictor estimates it and `groups` is its latest selection."""

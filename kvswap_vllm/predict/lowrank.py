@@ -169,6 +169,8 @@ class HeadwiseLowRank(JointLowRank):
         # From score_batch to note_selection, per layer: the estimated distribution per head
         # and the logits it is the softmax of, (q_heads, tokens) each.
         self._scored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # From note_selection to prepare_rest: the selection and what was scored for it.
+        self._selected: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._rest: dict[int, RestEstimate | None] = {}
 
     @property
@@ -209,9 +211,19 @@ class HeadwiseLowRank(JointLowRank):
 
     def note_selection(self, layer: int, groups: torch.Tensor) -> None:
         scored = self._scored.pop(layer, None)
-        self._rest[layer] = None if scored is None else self._estimate_rest(layer, groups, *scored)
+        self._rest[layer] = None
+        if scored is None:
+            self._selected.pop(layer, None)
+        else:
+            self._selected[layer] = (groups, *scored)
+
+    def prepare_rest(self, layer: int) -> None:
+        pending = self._selected.pop(layer, None)
+        if pending is not None:
+            self._rest[layer] = self._estimate_rest(layer, *pending)
 
     def rest(self, layer: int, groups: torch.Tensor) -> RestEstimate | None:
+        self.prepare_rest(layer)
         est = self._rest.get(layer)
         return est if est is not None and torch.equal(est.groups, groups) else None
 
@@ -223,7 +235,8 @@ class HeadwiseLowRank(JointLowRank):
         s, g = self.shape, self.selection.group_size
         tokens = (groups.view(-1, 1) * g + torch.arange(g)).flatten()
         # (rv, tokens) float32, rows contiguous: the product with probs is 3x faster this way
-        values = self._lv[layer].view().T.to(torch.float32, memory_format=torch.contiguous_format)
+        # (groups flushed since the selection are not in probs: they are not part of its rest)
+        values = self._lv[layer].view()[:probs.shape[1]].T.to(torch.float32, memory_format=torch.contiguous_format)
         picked = probs[:, tokens]  # (q_heads, M)
         mass = 1 - picked.sum(dim=-1)
         # Everything minus the selection: two small products instead of gathering the rest.

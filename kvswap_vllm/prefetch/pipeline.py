@@ -172,12 +172,14 @@ class OwnLoads:
         self.todo, self.layer, self.pending, self.started, self.blocked_s = todo, layer, pending, started, blocked_s
 
     def finish(self) -> None:
-        """Wait for the reads and fill the slots; each layer's `wait` then returns at once."""
+        """Wait for the reads and fill the slots; each layer's `wait` then returns at once. Once:
+        a second call does nothing."""
         if self.pending is None:
             return
+        pending, self.pending = self.pending, None
         t0 = time.perf_counter()
         with torch.inference_mode():
-            results = self.pending.finish()
+            results = pending.finish()
         end = time.perf_counter()
         for (p, g, src), res in zip(self.todo, results):
             p._record(self.layer, src, res, end - self.started)

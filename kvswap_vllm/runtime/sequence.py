@@ -175,6 +175,9 @@ class KVSwapSequence:
         self._selected_over = [-1] * n
         # The groups each layer attended to at its last step (selections favour them).
         self._attended: list[torch.Tensor | None] = [None] * n
+        # Own-query loads whose reads are in flight (submit); settled before the hot tier or its
+        # staging buffer is used again.
+        self._in_flight: OwnLoads | None = None
 
     def _import_prefix_metadata(self) -> None:
         for layer in range(self.shape.num_layers):
@@ -202,6 +205,7 @@ class KVSwapSequence:
         `prefill_block` tokens at a time, merged exactly; then write the chunk's full groups to
         disk. Memory: one block of the past, never all of it. `seed_prefetch`: the chunk's last
         query seeds the first decode step's early prefetch."""
+        self._settle()
         if seed_prefetch:
             self._query[layer] = q[:, -1].to("cpu", copy=True)
         acc = BlockwiseSoftmax()
@@ -243,9 +247,15 @@ class KVSwapSequence:
     def submit_batch(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor, ahead: bool) -> None:
         """`submit` for several sequences (same config, one store) at once: queries
         (len(seqs), q_heads, d), selected together (see predict.base.select_batch); loads from
-        own queries go to the store together."""
+        own queries go to the store together and stay in flight until the sequences next use
+        their hot tiers (`hot_kv`: the engine computes the layer's K/V meanwhile)."""
         if not ahead:
-            return KVSwapSequence.start_batch(seqs, layer, queries).finish()
+            loads = KVSwapSequence.start_batch(seqs, layer, queries)
+            for seq in seqs:
+                seq._in_flight = loads
+            return
+        for seq in seqs:
+            seq._settle()
         groups, sources = KVSwapSequence._select(seqs, layer, queries, ahead=True)
         for seq, ids, source in zip(seqs, groups, sources):
             seq.prefetch.submit(layer, ids, source)
@@ -253,9 +263,21 @@ class KVSwapSequence:
     @staticmethod
     def start_batch(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor) -> OwnLoads:
         """`submit_batch` from the sequences' own queries, started: the loads' reads are in flight
-        (with kernel AIO) until `finish()` of the result, which comes before the layer attends."""
+        (with kernel AIO) until `finish()` of the result, which comes before the layer attends.
+        The predictors' estimates of the rest are computed while the reads are in flight."""
+        for seq in seqs:
+            seq._settle()
         groups, sources = KVSwapSequence._select(seqs, layer, queries, ahead=False)
-        return LayerPrefetcher.start_now([s.prefetch for s in seqs], layer, groups, sources)
+        loads = LayerPrefetcher.start_now([s.prefetch for s in seqs], layer, groups, sources)
+        for seq in seqs:
+            seq.predictor.prepare_rest(layer)
+        return loads
+
+    def _settle(self) -> None:
+        """Finish the own-query loads still in flight (they fill the hot tier from its staging buffer)."""
+        if self._in_flight is not None:
+            loads, self._in_flight = self._in_flight, None
+            loads.finish()
 
     @staticmethod
     def _select(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor,
@@ -285,6 +307,7 @@ class KVSwapSequence:
         new full group since it selected with that query would get what its hot tier holds: skipped."""
         if not self.config.prefetch:
             return
+        self._settle()
         for layer in range(FIRST_AHEAD_LAYER, self.shape.num_layers):
             q, groups = self._query[layer], self.predictor.num_groups(layer)
             if q is not None and layer not in self._submitted and groups and groups != self._selected_over[layer]:
@@ -308,6 +331,7 @@ class KVSwapSequence:
         elif layer not in self._submitted:
             raise RuntimeError(f"layer {layer}: no selection submitted and no query given")
         self._submitted.pop(layer, None)
+        self._settle()
         res = self.prefetch.wait(layer)
         if res.unavailable:
             raise RuntimeError(f"layer {layer}: groups {res.unavailable[:5]} are not in the disk tier")
@@ -373,7 +397,10 @@ class KVSwapSequence:
                 "reads_by_source": self.prefetch.stats.as_dict()["by_source"]}
 
     def close(self) -> None:
-        self.prefetch.close()
+        try:
+            self._settle()  # no read may still land in buffers about to be freed
+        finally:
+            self.prefetch.close()
         self._release_files()
 
     def _release_files(self) -> None:
