@@ -172,3 +172,37 @@ def test_prefill_mlp_runs_in_row_slices_with_the_same_result() -> None:
     sliced = _in_row_slices(counted, 256)
     assert torch.allclose(sliced(x), mlp(x), atol=1e-6) and calls == [256, 256, 188]
     assert torch.equal(sliced(x[:, :5]), mlp(x[:, :5])) and calls[-1] == 5  # short inputs: one call
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_layers_own_query_is_projected_once_per_step(tmp_path: Path, prefetch: bool, monkeypatch) -> None:
+    """The hook projects a layer's query to select with, and its attention reuses that
+    projection; a layer-ahead estimate (the next layer's W_q on this layer's input) does not
+    stand in for the next layer's own query. Logits as in the bit-exact test above."""
+    base = tiny_llama()
+    adapter = adapter_for(base)
+    sel = SelectionConfig(8, 4)
+    ref_model = copy.deepcopy(base)
+    KVSwapReference(ref_model, "kvswap", sel, adapter, flush_groups=3).start_sequence()
+    expected = greedy_logits(ref_model, PROMPT, 4)
+    model = copy.deepcopy(base)
+    weights = {id(layer.self_attn.q_proj.weight): i for i, layer in enumerate(model.model.layers)}
+    calls: list[int] = []
+    real_linear = torch.nn.functional.linear
+
+    def counting(x, weight, bias=None):
+        if id(weight) in weights and x.shape[-2] == 1:
+            calls.append(weights[id(weight)])
+        return real_linear(x, weight, bias)
+
+    with disk_store(tmp_path / "kv", model) as store:
+        rt = KVSwapDisk(model, store, DiskRuntimeConfig(sel, "kvswap", flush_groups=3, prefill_chunk=4096,
+                                                        prefetch=prefetch), adapter)
+        seq = rt.new_sequence()
+        monkeypatch.setattr(torch.nn.functional, "linear", counting)
+        got = disk_logits(model, seq, PROMPT, 4, chunk=4096)
+        seq.close()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    layers = len(weights)
+    ahead = (layers - 2) if prefetch else 0  # layers >= 2 are predicted by the layer before them
+    assert len(calls) == 4 * (layers + ahead)

@@ -93,10 +93,12 @@ def _rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return q * cos + rotated * sin
 
 
-def layer_query(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+def layer_query(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+                project=None) -> torch.Tensor:
     """The query `attn` would compute for the last token of `hidden` (its normalised input):
-    (num_q_heads, head_dim), post-RoPE; with another layer's `attn`, the layer-ahead estimate."""
-    q = attn.q_proj(hidden).view(*hidden.shape[:-1], -1, head_dim)
+    (num_q_heads, head_dim), post-RoPE; with another layer's `attn`, the layer-ahead estimate.
+    `project`: computes the projection instead of `attn.q_proj` (e.g. keeping its output)."""
+    q = (project or attn.q_proj)(hidden).view(*hidden.shape[:-1], -1, head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3
         q = attn.q_norm(q)
     return _rope(q.transpose(1, 2), cos, sin)[0, :, -1]
