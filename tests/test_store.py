@@ -147,6 +147,19 @@ def test_reads_through_short_gaps_but_verifies_and_returns_only_requested_groups
         assert s.read_groups("a", 0, [6]).found.tolist() == [False] and s.stats.checksum_failures == 1
 
 
+@pytest.mark.parametrize("ids", [[3, 5, 5], [5, 3, 5], [3, 3, 4], [2, 4, 4, 5], [7, 7, 7]])
+def test_duplicate_ids_read_through_a_gap_land_where_requested(cfg: StoreConfig, ids: list[int]) -> None:
+    """As many requested positions as rows in an extent, in order, is not the same as row i
+    going to position i: with a duplicate and a gap (3, 5, 5), the planner once read rows 3, 4, 5
+    straight into positions 0, 1, 2, serving group 4 for a 5."""
+    cfg = dataclasses.replace(cfg, read_gap_bytes=2 * 8192)
+    kv = groups(16)
+    with DiskStore(cfg) as s:
+        s.write_groups("a", 0, 0, kv)
+        r = s.read_groups("a", 0, ids)
+        assert r.found.all() and torch.equal(r.kv, kv[ids])
+
+
 def test_survives_restart_with_block_hashes(cfg: StoreConfig) -> None:
     kv = groups(8)
     with DiskStore(cfg) as s:
