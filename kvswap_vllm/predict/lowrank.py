@@ -126,15 +126,13 @@ def _project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (x.reshape(n * g, -1).float() @ basis).half().view(n, g, -1)
 
 
-def _log_sum_exp(logits: torch.Tensor, probs: torch.Tensor, picked: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per row, the log-sum-exp of `logits` (q_heads, tokens), read off their softmax `probs` at
-    the most probable of `tokens` (picked = probs[:, tokens]): lse = logit - log p there. A pass
-    of logsumexp over every token would cost about as much as the rest of the estimate; a row
-    whose picked probabilities all underflow is computed in full."""
-    best = picked.max(dim=-1)
-    rows = torch.arange(logits.shape[0])
-    lse = logits[rows, tokens[best.indices]].float() - torch.log(best.values)
-    lost = best.values < 1e-30
+def _log_sum_exp(logits: torch.Tensor, p: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Per row, the log-sum-exp of `logits` (q_heads, tokens), read off their softmax at one
+    token `at[row]` whose probability is `p[row]`: lse = logit - log p there (the most probable
+    selected token: a pass of logsumexp over every token would cost about as much as the rest
+    of the estimate). A row whose p underflows is computed in full."""
+    lse = logits.gather(1, at.view(-1, 1)).view(-1).float() - torch.log(p)
+    lost = p < 1e-30
     if bool(lost.any()):
         lse[lost] = torch.logsumexp(logits[lost].float(), dim=-1)
     return lse
@@ -233,15 +231,19 @@ class HeadwiseLowRank(JointLowRank):
         its log-sum-exp and its output over their low-rank values (mapped back per KV head).
         Measured at 8 x 7k tokens: ~0.1 ms per sequence and layer (scoring: ~0.3 ms)."""
         s, g = self.shape, self.selection.group_size
-        tokens = (groups.view(-1, 1) * g + torch.arange(g)).flatten()
+        n = probs.shape[1] // g  # groups flushed since the selection are not part of its rest
+        rows = self._lv[layer].view()[:n * g]  # (tokens, rv)
         # (rv, tokens) float32, rows contiguous: the product with probs is 3x faster this way
-        # (groups flushed since the selection are not in probs: they are not part of its rest)
-        values = self._lv[layer].view()[:probs.shape[1]].T.to(torch.float32, memory_format=torch.contiguous_format)
-        picked = probs[:, tokens]  # (q_heads, M)
+        values = rows.T.to(torch.float32, memory_format=torch.contiguous_format)
+        # The selected groups' probabilities and values, gathered by group (index_select of M/G
+        # ids, not fancy indexing of M tokens: 3x cheaper), in the selection's token order.
+        picked = probs.view(-1, n, g).index_select(1, groups).flatten(1)  # (q_heads, M)
         mass = 1 - picked.sum(dim=-1)
         # Everything minus the selection: two small products instead of gathering the rest.
-        out_lr = probs @ values.T - picked @ values[:, tokens].T  # (q_heads, rv)
-        lse = _log_sum_exp(logits, probs, picked, tokens)
+        out_lr = probs @ values.T - picked @ rows.view(n, g, -1).index_select(0, groups).flatten(0, 1).float()
+        best = picked.max(dim=-1)
+        at = groups[best.indices // g] * g + best.indices % g  # that token's position
+        lse = _log_sum_exp(logits, best.values, at)
         left = mass > MIN_REST_MASS
         out_lr = out_lr / mass.clamp_min(MIN_REST_MASS).unsqueeze(-1) * left.unsqueeze(-1)
         basis = self.adapter.value[layer][:, :self.value_rank].view(s.num_kv_heads, s.head_dim, -1)
