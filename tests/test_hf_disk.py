@@ -206,28 +206,3 @@ def test_a_layers_own_query_is_projected_once_per_step(tmp_path: Path, prefetch:
     layers = len(weights)
     ahead = (layers - 2) if prefetch else 0  # layers >= 2 are predicted by the layer before them
     assert len(calls) == 4 * (layers + ahead)
-
-
-def test_the_last_prefill_chunk_warms_the_hot_tier(tmp_path: Path) -> None:
-    """With `warm`, the prompt's last chunk loads every layer's hot tier in the background with
-    its last token's selection: the first decode step reads only what its own selection
-    changes, and the tokens are the same as without."""
-    base = tiny_llama()
-    adapter = adapter_for(base)
-    runs = {}
-    for warm in (False, True):
-        model = copy.deepcopy(base)
-        with disk_store(tmp_path / f"kv-{warm}", model) as store:
-            config = DiskRuntimeConfig(SelectionConfig(16, 4), "kvswap", flush_groups=3, prefill_chunk=16, warm=warm,
-                                       prefetch=False)  # every read of the decode step is its own
-            rt = KVSwapDisk(model, store, config, adapter)
-            tokens, info = generate(model, rt, PROMPT[0].tolist(), 2, eos=set())  # one decode step
-            runs[warm] = tokens, info["reads_by_source"]
-            rt.current.close()
-    layers = base.config.num_hidden_layers
-    (cold_tokens, cold), (warm_tokens, warm) = runs[False], runs[True]
-    assert warm_tokens == cold_tokens
-    assert cold["warm"]["loads"] == 0 and warm["warm"]["loads"] == layers
-    assert warm["warm"]["groups_read"] == 4 * layers  # M/G groups of each layer, read during prefill
-    assert cold["own"]["groups_read"] == 4 * layers
-    assert warm["own"]["groups_read"] < cold["own"]["groups_read"]

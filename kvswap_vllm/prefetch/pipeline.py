@@ -8,9 +8,7 @@ Three mechanisms submit loads, named in the stats:
   selection, which the layer attends to (or, with reselect, which prefetches most of it);
 - `own`: a layer with no final submission selects from its own query, on the critical path;
 - `exact`: a layer whose selection was predicted selects again from its own query (reselect)
-  and reads what the prediction missed, on the critical path;
-- `warm`: a prompt's last prefill chunk loads each layer's hot tier with what its last token
-  selects, in the background while the prefill goes on (the first decode step's reads).
+  and reads what the prediction missed, on the critical path.
 A later submission for a layer supersedes an earlier one; loads of the hot tier only read the
 groups not already resident, so a superseded load's reads still serve the later selection when
 they overlap. A group read counts as useful when the selection the layer attends to holds it.
@@ -27,7 +25,7 @@ import torch
 from kvswap_vllm.hot.tier import HotTier, LoadResult, PendingLoad
 from kvswap_vllm.resources import helper_thread_pool
 
-SOURCES = ("step", "ahead", "own", "exact", "warm")
+SOURCES = ("step", "ahead", "own", "exact")
 
 
 @dataclass

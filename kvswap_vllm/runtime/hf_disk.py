@@ -58,8 +58,6 @@ class DiskSequence(Cache):
     def __init__(self, runtime: "KVSwapDisk", expected_tokens: int = 0) -> None:
         self.core = KVSwapSequence(runtime.store, runtime.shape, runtime.config, runtime.adapter,
                                    device=runtime.model.device, expected_tokens=expected_tokens)
-        # Set while the prompt's last prefill chunk runs (DiskRuntimeConfig.warm).
-        self.last_chunk = False
         super().__init__(layers=[_Layer(self, i) for i in range(runtime.shape.num_layers)])
 
     def close(self) -> None:
@@ -180,8 +178,7 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
         raise ValueError("the disk-backed KVSwap runtime decodes one sequence at a time (batch 1)")
     if query.shape[2] != 1:  # a prefill chunk: causal over itself, dense over the past (in blocks)
         scale = kwargs.get("scaling") or module.scaling
-        out = rt.current.core.prefill_attention(module.layer_idx, query[0], key[0], value[0], scale,
-                                                last=rt.current.last_chunk)
+        out = rt.current.core.prefill_attention(module.layer_idx, query[0], key[0], value[0], scale)
         return out.transpose(0, 1).unsqueeze(0), None
     core = rt.current.core
     hk, hv = core.hot_kv(module.layer_idx)
@@ -198,10 +195,8 @@ def generate(model, runtime: KVSwapDisk, prompt: list[int], max_new_tokens: int,
     chunk = runtime.config.prefill_chunk
     t0 = time.perf_counter()
     for start in range(0, ids.shape[1], chunk):
-        seq.last_chunk = start + chunk >= ids.shape[1]
         # Logits of the chunk's last token only: all of them would be chunk x vocab floats.
         out = model(input_ids=ids[:, start:start + chunk], past_key_values=seq, use_cache=True, logits_to_keep=1)
-    seq.last_chunk = False
     trim_heap()  # the prefill's freed transients: decode allocates far less
     t_first = time.perf_counter()
     tokens = [int(out.logits[0, -1].argmax())]

@@ -53,11 +53,6 @@ class DiskRuntimeConfig:
     # and the groups it missed are read on the critical path. False: attend to the prediction,
     # as the paper does (fewer reads on the critical path; lower quality, see README).
     reselect: bool = True
-    # True: a prompt's last prefill chunk starts loading each layer's hot tier in the background
-    # with the groups its last token selects (`prefill_attention(warm=True)`), so the first decode
-    # step reads only what its own selections change, not all M/G groups of every layer at once
-    # (~0.7 s at 7k tokens on the dev VM); the reads overlap the rest of the prefill.
-    warm: bool = True
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1 or self.prefill_block < self.selection.group_size:
@@ -204,13 +199,12 @@ class KVSwapSequence:
 
     # ----- prefill: dense over everything so far --------------------------------------------
     def prefill_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                          seed_prefetch: bool = False, last: bool = False) -> torch.Tensor:
+                          seed_prefetch: bool = False) -> torch.Tensor:
         """Append a chunk (k, v: (H, T, d)) and attend its queries q (Hq, T, d) to the whole
         sequence: to the chunk itself (causal), the unflushed tail, and the disk groups read back
         `prefill_block` tokens at a time, merged exactly; then write the chunk's full groups to
         disk. Memory: one block of the past, never all of it. `seed_prefetch`: the chunk's last
-        query seeds the first decode step's early prefetch. `last`: the prompt's last chunk (see
-        DiskRuntimeConfig.warm)."""
+        query seeds the first decode step's early prefetch."""
         self._settle()
         if seed_prefetch:
             self._query[layer] = q[:, -1].to("cpu", copy=True)
@@ -222,22 +216,10 @@ class KVSwapSequence:
             acc.add(*attention_with_lse(q, past_k, past_v, scale, causal=False))
         self._append(layer, k, v)
         self._flush(layer, self._k[layer].shape[1] // self.group_size * self.group_size)
-        if last and self.config.warm:
-            self._warm(layer, q[:, -1])
         out = acc.result(q.dtype)
         if q.shape[1] >= TRIM_AFTER_TOKENS:
             trim_heap()
         return out
-
-    def _warm(self, layer: int, query: torch.Tensor) -> None:
-        """Start loading `layer`'s hot tier in the background with what `query` (the prompt's
-        last token's) selects. Not a selection the layer attends to: the first decode step
-        selects with its own query and reads what this one missed."""
-        if self.predictor.num_groups(layer) == 0:
-            return
-        ids = self.predictor.select(layer, query.to("cpu"))
-        self.predictor.prepare_rest(layer)  # frees what the selection kept for its estimate
-        self.prefetch.submit(layer, ids, "warm")
 
     def _past_blocks(self, layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The layer's disk groups, read back in blocks of about `prefill_block` tokens: (K, V)."""
