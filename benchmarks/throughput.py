@@ -192,7 +192,8 @@ def _child_hf(spec_path: Path, out_path: Path) -> None:
         kv_dir=Path(spec["kv_dir"]), storage_profile=opts.get("storage_profile"), prefetch=opts.get("prefetch"),
         hysteresis=opts.get("hysteresis"), residual_rank=opts.get("residual_rank"))
     device = spec.get("device", "cpu")
-    config = GenerationConfig(model=Path(spec["model"]), max_new_tokens=spec["max_new_tokens"],
+    # Every prompt decodes max_new_tokens steps whatever it says, as the vLLM rows (ignore_eos).
+    config = GenerationConfig(model=Path(spec["model"]), max_new_tokens=spec["max_new_tokens"], ignore_eos=True,
                               max_model_len=spec["max_model_len"], device=device, kvswap=kv)
     with ResourceMeter() as meter:
         gen = create_generator("hf", config)
@@ -274,7 +275,8 @@ def _child_llamacpp(spec_path: Path, out_path: Path) -> None:
 
 
 def _llamacpp_generate(llm, prompt: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
-    """Greedy tokens of one prompt, time to first token, decode time (first -> last token)."""
+    """Greedy tokens of one prompt (max_new_tokens of them, past end-of-sequence as the other
+    rows), time to first token, decode time (first -> last token)."""
     tokens: list[int] = []
     t0 = time.perf_counter()
     t_first = t0
@@ -282,7 +284,7 @@ def _llamacpp_generate(llm, prompt: list[int], max_new_tokens: int) -> tuple[lis
         if not tokens:
             t_first = time.perf_counter()
         tokens.append(token)
-        if len(tokens) >= max_new_tokens or token == llm.token_eos():
+        if len(tokens) >= max_new_tokens:
             break
     return tokens, t_first - t0, time.perf_counter() - t_first
 

@@ -124,8 +124,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, args.models_dir)
     batch = _read_prompts(args)
     try:
-        config = GenerationConfig(model=model, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                                  max_model_len=args.max_model_len, device=args.device, kvswap=_kvswap_options(args))
+        config = GenerationConfig(model=model, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
+                                  dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
+                                  kvswap=_kvswap_options(args))
     except ValueError as exc:
         raise KVSwapError(str(exc)) from exc
     prompts = [chat_prompt_ids(model, text) for text, _ in batch]
@@ -390,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--document-tokens", type=_positive_int, default=DEFAULT_DOCUMENT_TOKENS,
                      help=f"approximate length of the built-in document (default: {DEFAULT_DOCUMENT_TOKENS})")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default: 32)")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="generate exactly --max-new-tokens tokens, past end-of-sequence (timing runs)")
     gen.add_argument("--max-model-len", type=_positive_int, default=8192,
                      help="longest prompt + generation accepted (default: 8192)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],

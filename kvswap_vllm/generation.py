@@ -21,6 +21,9 @@ class GenerationConfig:
     # Checkpoint folder (Hugging Face layout).
     model: Path
     max_new_tokens: int = 32
+    # Generate exactly max_new_tokens tokens, past any end-of-sequence token (benchmarks: every
+    # system then decodes the same number of steps, as vLLM's ignore_eos).
+    ignore_eos: bool = False
     # "float32" on CPUs without native bf16; "auto" keeps the checkpoint's dtype.
     dtype: str = "float32"
     # Longest prompt + generation the engine must accept.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +50,23 @@ def test_vllm_greedy_equals_hf(vllm_gen: Generator, hf_gen: Generator, default_m
     v, h = vllm_gen.generate(prompts), hf_gen.generate(prompts)
     assert [r.text for r in v] == [r.text for r in h]
     assert "Paris" in v[0].text
+
+
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_ignore_eos_generates_exactly_max_new_tokens(engine: str, request: pytest.FixtureRequest,
+                                                     default_model: Path) -> None:
+    gen: Generator = request.getfixturevalue(f"{engine}_gen")
+    prompt = chat_prompt_ids(default_model, "What is the capital of France?")
+    stopped = gen.generate([prompt])[0]
+    assert stopped.new_tokens < gen.config.max_new_tokens  # it ends its answer
+    config = gen.config
+    gen.config = dataclasses.replace(config, ignore_eos=True)
+    try:
+        full = gen.generate([prompt])[0]
+    finally:
+        gen.config = config
+    assert full.new_tokens == config.max_new_tokens
+    assert full.text.startswith(stopped.text.strip())
 
 
 def test_hf_store_reads_with_the_decode_policy_threads(default_model: Path, tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ class HFGenerator(Generator):
 
     def _eos_ids(self) -> set[int]:
         eos = self._model.generation_config.eos_token_id
-        if eos is None:
+        if eos is None or self.config.ignore_eos:
             return set()
         return set(eos) if isinstance(eos, list) else {int(eos)}
 

@@ -89,7 +89,8 @@ class VllmGenerator(Generator):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(temperature=0.0, max_tokens=self.config.max_new_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=self.config.max_new_tokens,
+                                ignore_eos=self.config.ignore_eos)
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [self._result(o) for o in outputs]
 
