@@ -39,8 +39,8 @@ class DiskRuntimeConfig:
     # Newest groups kept in memory before they go to disk as one file (the rolling tail).
     flush_groups: int = 16
     # Prefill chunk, tokens: bounds prefill memory (its activations) with the block below.
-    # Measured on SmolLM2, one 7k-token prompt at M = 320: peak RSS growth in prefill 46-49 MB
-    # with 512 against 57-58 MB with 1024 (above decode's ~50 MB), time to first token +17%.
+    # Measured on SmolLM2, one 7k-token prompt at M = 320: prefill's peak RSS growth 46-49 MB
+    # with 512 against 57-58 MB with 1024 (decode peaks at ~50 MB), time to first token +17%.
     prefill_chunk: int = 512
     # Tokens of the past a prefill chunk reads back from disk at once (its attention merges the
     # blocks exactly): prefill memory does not grow with the context.
