@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--residual-rank", type=int, default=SelectionConfig.residual_rank,
                    help="rank of the low-rank values kvswap estimates the unselected groups' attention with "
                         f"(default: {SelectionConfig.residual_rank}; 0 = none)")
+    p.add_argument("--key-rank", type=int, default=SelectionConfig.key_rank,
+                   help="numbers per token per layer of the low-rank keys: the adapter's leading basis columns "
+                        f"(default: {SelectionConfig.key_rank or 'the adapter rank'}; 0 = the adapter's rank)")
     p.add_argument("--select", choices=["exact", "ahead"], default="exact",
                    help="layers >= 2 attend to their own query's selection (exact) or the layer-ahead one")
     args = p.parse_args(argv)
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model)
     tok, model, adapter = load(model_dir, args.adapter, args.calibration_tokens)
     selection = SelectionConfig(budget_tokens=args.budget, group_size=args.group_size, hysteresis=args.hysteresis,
-                                residual_rank=args.residual_rank)
+                                residual_rank=args.residual_rank, key_rank=args.key_rank)
     ref = KVSwapReference(model, "dense", selection, adapter, reselect=args.select == "exact",
                           flush_groups=args.flush_groups)
     n = args.cases_per_length
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "quality", "model": str(model_dir),
         "budget": {"budget_tokens": args.budget, "group_size": args.group_size, "hysteresis": args.hysteresis,
-                   "rank": adapter.rank, "residual_rank": args.residual_rank,
+                   "rank": args.key_rank or adapter.rank, "adapter_rank": adapter.rank,
+                   "residual_rank": args.residual_rank,
                    "per_head_rank": adapter.per_head_rank, "layer_ahead": True, "selection": args.select,
                    # decoded tokens attended besides the M selected ones: the tail, 0 .. this many
                    "tail_tokens_max": args.flush_groups * args.group_size - 1},

@@ -113,7 +113,8 @@ def _kvswap_options(args: argparse.Namespace):
                          hot_tier_mb=args.budget_mb, kv_dir=args.kv_dir, storage_profile=args.storage_profile,
                          adapter=args.adapter, prefix_tier=args.vllm_connector == "kvswap",
                          prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
-                         hysteresis=args.hysteresis, residual_rank=args.residual_rank)
+                         hysteresis=args.hysteresis, residual_rank=args.residual_rank,
+                         key_rank=args.key_rank)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -383,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--residual-rank", type=_nonnegative_int, default=None,
                      help="kvswap: rank of the low-rank values that estimate the attention to the groups the "
                      "selection leaves out (0 = attend to the selection alone; default: 8)")
+    gen.add_argument("--key-rank", type=_nonnegative_int, default=None,
+                     help="kvswap, kvswap-paper: numbers per token per layer of the low-rank keys, the leading "
+                     "columns of the adapter's basis (0 = the adapter's rank; default: the runtime's)")
     gen.add_argument("--vllm-connector", choices=["kvswap", "none"], default="kvswap",
                      help="vllm engine: kvswap = every full block saved to the disk tier and prefixes found "
                      "there loaded instead of recomputed, across restarts (default); none = stock vLLM")

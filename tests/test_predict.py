@@ -418,3 +418,30 @@ def test_rest_is_that_of_the_selection_however_late_it_is_computed(when) -> None
         p.append_groups(0, k, torch.randn_like(k))
     est = p.rest(0, ids)
     assert torch.equal(est.out, reference.out) and torch.equal(est.lse, reference.lse)
+
+
+@pytest.mark.parametrize("name", ["kvswap", "kvswap-paper"])
+def test_key_rank_scores_with_the_leading_basis_columns(name: str) -> None:
+    """key_rank r on a rank-16 adapter = an adapter calibrated at rank r (the SVD's leading
+    columns), with r numbers per token per layer instead of 16."""
+    full, small = random_adapter(16), random_adapter(8)
+    cut = create_predictor(name, SHAPE, SelectionConfig(32, 4, key_rank=8), full)
+    ref = create_predictor(name, SHAPE, SEL, small)
+    whole = create_predictor(name, SHAPE, SEL, full)
+    k = keys(20)
+    for p in (cut, ref, whole):
+        p.append_groups(0, k, values(k))
+    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim)
+    assert torch.equal(cut.score(0, q), ref.score(0, q))
+    assert not torch.equal(cut.score(0, q), whole.score(0, q))
+    assert cut.metadata_bytes() == ref.metadata_bytes() < whole.metadata_bytes()
+    assert cut.metadata_id != whole.metadata_id  # rows of one are refused by the other
+    assert cut.adapter is create_predictor(name, SHAPE, SelectionConfig(32, 4, key_rank=8), full).adapter
+    above = create_predictor(name, SHAPE, SelectionConfig(32, 4, key_rank=64), full)
+    assert above.adapter is full
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True, "32"])
+def test_bad_key_rank_is_refused(bad) -> None:
+    with pytest.raises(KVSwapError, match="key_rank"):
+        SelectionConfig(budget_tokens=32, group_size=4, key_rank=bad)

@@ -66,6 +66,7 @@ def test_prefetch_policy_by_device() -> None:
     ({"hysteresis": "0.2"}, "hysteresis must be a number in [0, 1)"),
     ({"residual_rank": -1}, "residual_rank must be an integer >= 0"),
     ({"residual_rank": 8.0}, "residual_rank must be an integer >= 0"),
+    ({"key_rank": -1}, "key_rank must be an integer >= 0"),
 ])
 def test_bad_options_are_refused_with_the_key_named(extra: dict, message: str) -> None:
     with pytest.raises(KVSwapError, match="kvswap connector") as err:

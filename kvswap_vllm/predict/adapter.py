@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -69,6 +69,20 @@ class LowRankAdapter:
         for t in (*self.joint, *self.value):
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def leading(self, rank: int) -> "LowRankAdapter":
+        """The same adapter with its key bases cut to their `rank` leading columns: an SVD basis's
+        columns come in order of energy, so this is the rank-`rank` calibration, and one adapter
+        serves every smaller key rank. At or above the adapter's rank: the adapter itself."""
+        if rank >= self.rank:
+            return self
+        cache = self.__dict__.setdefault("_leading", {})  # per rank: every sequence shares one
+        if rank not in cache:
+            r_h = max(1, rank // self.num_kv_heads)
+            cache[rank] = replace(self, rank=rank, joint=tuple(j[:, :rank].contiguous() for j in self.joint),
+                                  per_head=tuple(p[..., :r_h].contiguous() for p in self.per_head),
+                                  meta={**self.meta, "cut_from_rank": self.rank})
+        return cache[rank]
 
     def save(self, path: Path) -> None:
         """Write `<path>.safetensors` and `<path>.json` atomically."""

@@ -43,12 +43,19 @@ class SelectionConfig:
     # (README, quality): rank 8 takes top-1 agreement with dense from 96.3% to 97.3% and
     # perplexity from +2.0% to +0.8% of dense.
     residual_rank: int = 8
+    # Low-rank predictors: numbers per token per layer of the low-rank keys at most, i.e. the
+    # leading columns of the adapter's key basis (an adapter of lower rank is used whole); 0 = the
+    # adapter's rank. The keys are most of the metadata, and scoring reads all of them at every
+    # selection, so this sets both the metadata's memory and the selection's cost.
+    key_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.budget_tokens < self.group_size:
             raise KVSwapError(f"need group_size >= 1 and budget_tokens >= group_size, got {self}")
         if isinstance(self.residual_rank, bool) or not isinstance(self.residual_rank, int) or self.residual_rank < 0:
             raise KVSwapError(f"residual_rank must be an integer >= 0, got {self.residual_rank!r}")
+        if isinstance(self.key_rank, bool) or not isinstance(self.key_rank, int) or self.key_rank < 0:
+            raise KVSwapError(f"key_rank must be an integer >= 0, got {self.key_rank!r}")
         if isinstance(self.hysteresis, bool) or not isinstance(self.hysteresis, (int, float)) or \
                 not 0 <= self.hysteresis < 1:
             raise KVSwapError(f"hysteresis must be a number in [0, 1), got {self.hysteresis!r}")

@@ -78,6 +78,8 @@ class _LowRank(Predictor):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.selection.key_rank:
+            self.adapter = self.adapter.leading(self.selection.key_rank)
         self._lr = [RowBuffer() for _ in range(self.shape.num_layers)]  # (tokens, r) per layer
 
     def _rows(self, layer: int) -> torch.Tensor:

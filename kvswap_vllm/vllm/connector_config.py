@@ -63,6 +63,9 @@ class ConnectorConfig:
     # Rank of the low-rank values with which `kvswap` estimates the attention to the groups it
     # leaves out (SelectionConfig.residual_rank); 0 = attend to the selection alone.
     residual_rank: int = SelectionConfig.residual_rank
+    # Numbers per token per layer of the low-rank keys (SelectionConfig.key_rank); 0 = the
+    # adapter's rank.
+    key_rank: int = SelectionConfig.key_rank
     # Benchmarks: KVSwap decoding's reads wait as long as `storage_profile`'s device would take
     # (its bandwidth and per-request latency), so a fast disk stands in for an eMMC or SD card.
     throttle_reads: bool = False
@@ -75,7 +78,8 @@ class ConnectorConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise KVSwapError(f"kvswap connector: {name} must be a positive integer, got {value!r}")
         try:
-            SelectionConfig(group_size=1, budget_tokens=1, hysteresis=self.hysteresis, residual_rank=self.residual_rank)
+            SelectionConfig(group_size=1, budget_tokens=1, hysteresis=self.hysteresis, residual_rank=self.residual_rank,
+                            key_rank=self.key_rank)
         except KVSwapError as exc:
             raise KVSwapError(f"kvswap connector: {exc}") from exc
         if self.hot_tier_mb is not None and (not _is_number(self.hot_tier_mb) or self.hot_tier_mb <= 0):
