@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-rank", type=int, default=SelectionConfig.key_rank,
                    help="numbers per token per layer of the low-rank keys: the adapter's leading basis columns "
                         f"(default: {SelectionConfig.key_rank or 'the adapter rank'}; 0 = the adapter's rank)")
+    p.add_argument("--key-bits", type=int, choices=[8, 16], default=SelectionConfig.key_bits,
+                   help=f"bits per number of the low-rank keys in memory (default: {SelectionConfig.key_bits})")
     p.add_argument("--select", choices=["exact", "ahead"], default="exact",
                    help="layers >= 2 attend to their own query's selection (exact) or the layer-ahead one")
     args = p.parse_args(argv)
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = resolve_model(args.model)
     tok, model, adapter = load(model_dir, args.adapter, args.calibration_tokens)
     selection = SelectionConfig(budget_tokens=args.budget, group_size=args.group_size, hysteresis=args.hysteresis,
-                                residual_rank=args.residual_rank, key_rank=args.key_rank)
+                                residual_rank=args.residual_rank, key_rank=args.key_rank,
+                                key_bits=args.key_bits)
     ref = KVSwapReference(model, "dense", selection, adapter, reselect=args.select == "exact",
                           flush_groups=args.flush_groups)
     n = args.cases_per_length
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "quality", "model": str(model_dir),
         "budget": {"budget_tokens": args.budget, "group_size": args.group_size, "hysteresis": args.hysteresis,
-                   "rank": args.key_rank or adapter.rank, "adapter_rank": adapter.rank,
+                   "rank": args.key_rank or adapter.rank, "adapter_rank": adapter.rank, "key_bits": args.key_bits,
                    "residual_rank": args.residual_rank,
                    "per_head_rank": adapter.per_head_rank, "layer_ahead": True, "selection": args.select,
                    # decoded tokens attended besides the M selected ones: the tail, 0 .. this many

@@ -114,7 +114,7 @@ def _kvswap_options(args: argparse.Namespace):
                          adapter=args.adapter, prefix_tier=args.vllm_connector == "kvswap",
                          prefetch={"auto": None, "on": True, "off": False}[args.prefetch],
                          hysteresis=args.hysteresis, residual_rank=args.residual_rank,
-                         key_rank=args.key_rank)
+                         key_rank=args.key_rank, key_bits=args.key_bits)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--key-rank", type=_nonnegative_int, default=None,
                      help="kvswap, kvswap-paper: numbers per token per layer of the low-rank keys, the leading "
                      "columns of the adapter's basis (0 = the adapter's rank; default: the runtime's)")
+    gen.add_argument("--key-bits", type=int, choices=[8, 16], default=None,
+                     help="kvswap, kvswap-paper: bits per number of the low-rank keys in memory (8 = int8 "
+                     "with a scale per token; default: the runtime's)")
     gen.add_argument("--vllm-connector", choices=["kvswap", "none"], default="kvswap",
                      help="vllm engine: kvswap = every full block saved to the disk tier and prefixes found "
                      "there loaded instead of recomputed, across restarts (default); none = stock vLLM")

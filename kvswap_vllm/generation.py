@@ -89,6 +89,9 @@ class KVSwapOptions:
     # Low-rank predictors: numbers per token per layer of the low-rank keys (the adapter's leading
     # basis columns; 0 = all of them); None = SelectionConfig's default.
     key_rank: int | None = None
+    # Low-rank predictors: bits per number of the low-rank keys in memory (16 or 8); None =
+    # SelectionConfig's default.
+    key_bits: int | None = None
     # vLLM engine: keep every full block in the disk tier through the `kvswap` KV connector and
     # load a prefix found there instead of recomputing it (also after a restart).
     prefix_tier: bool = True

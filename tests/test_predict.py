@@ -445,3 +445,41 @@ def test_key_rank_scores_with_the_leading_basis_columns(name: str) -> None:
 def test_bad_key_rank_is_refused(bad) -> None:
     with pytest.raises(KVSwapError, match="key_rank"):
         SelectionConfig(budget_tokens=32, group_size=4, key_rank=bad)
+
+
+@pytest.mark.parametrize("name", ["kvswap", "kvswap-paper"])
+def test_int8_keys_score_as_their_16_bit_rows_within_rounding(name: str, score_dtype: torch.dtype) -> None:
+    """key_bits 8: each token's low-rank key kept as int8 with one float32 scale (its largest
+    magnitude / 127); scores are those of the 16-bit rows dequantised, at about half the memory,
+    and they select what the 16-bit keys select unless two groups are within rounding."""
+    adapter = random_adapter(16)
+    wide = create_predictor(name, SHAPE, SEL, adapter)
+    narrow = create_predictor(name, SHAPE, SelectionConfig(32, 4, key_bits=8), adapter)
+    k = keys(40)
+    for p in (wide, narrow):
+        p.append_groups(0, k, values(k))
+    rows16 = wide.group_metadata(0, k, values(k))[..., :16].reshape(160, 16).float()  # float16, as exchanged
+    rows8, scale = narrow._rows(0), narrow._lr_scale[0].view()
+    assert rows8.dtype == torch.int8 and scale.shape == (160,)
+    err = (rows8.float() * scale.unsqueeze(1) - rows16).abs().amax(dim=1)
+    assert bool((err <= rows16.abs().amax(dim=1) / 254 * 1.001).all())
+    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim)
+    s16, s8 = wide.score(0, q), narrow.score(0, q)
+    assert not torch.equal(s16, s8)
+    torch.testing.assert_close(s8, s16, rtol=0.05, atol=0.03 * float(s16.abs().max()))
+    overlap = len(set(wide.select(0, q).tolist()) & set(narrow.select(0, q).tolist()))
+    assert overlap >= SEL.budget_groups - 1
+    assert narrow.metadata_bytes() < 0.8 * wide.metadata_bytes()
+    assert narrow.metadata_id == wide.metadata_id  # files keep float16 rows either way
+
+
+def test_int8_keys_of_a_zero_row_score_zero_not_nan() -> None:
+    p = create_predictor("kvswap-paper", SHAPE, SelectionConfig(32, 4, key_bits=8), random_adapter(16))
+    p.append_groups(0, torch.zeros(10, 4, SHAPE.num_kv_heads, SHAPE.head_dim))
+    assert torch.equal(p.score(0, torch.randn(6, 16)), torch.zeros(10))
+
+
+@pytest.mark.parametrize("bad", [4, 8.0, True, "8", 32])
+def test_bad_key_bits_are_refused(bad) -> None:
+    with pytest.raises(KVSwapError, match="key_bits must be 8 or 16"):
+        SelectionConfig(budget_tokens=32, group_size=4, key_bits=bad)

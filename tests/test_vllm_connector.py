@@ -67,6 +67,7 @@ def test_prefetch_policy_by_device() -> None:
     ({"residual_rank": -1}, "residual_rank must be an integer >= 0"),
     ({"residual_rank": 8.0}, "residual_rank must be an integer >= 0"),
     ({"key_rank": -1}, "key_rank must be an integer >= 0"),
+    ({"key_bits": 4}, "key_bits must be 8 or 16"),
 ])
 def test_bad_options_are_refused_with_the_key_named(extra: dict, message: str) -> None:
     with pytest.raises(KVSwapError, match="kvswap connector") as err:

@@ -18,7 +18,7 @@ def est_logits(ref, layer, q):
     a = p.adapter.joint[layer].view(s.num_kv_heads, s.head_dim, -1)
     qq = q.float().view(s.num_kv_heads, s.gqa, s.head_dim)
     q_lr = torch.bmm(qq, a).reshape(s.num_q_heads, -1) * s.head_dim ** -0.5
-    keys = p._keys(layer).float()
+    keys = p._keys(layer)[0].float()  # 16-bit keys: no scale
     return q_lr @ keys.T  # (Hq, tokens) estimated scaled logits
 
 orig_decode = H.KVSwapReference._decode

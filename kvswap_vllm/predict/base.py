@@ -48,6 +48,10 @@ class SelectionConfig:
     # adapter's rank. The keys are most of the metadata, and scoring reads all of them at every
     # selection, so this sets both the metadata's memory and the selection's cost.
     key_rank: int = 0
+    # Low-rank predictors: bits per number of the low-rank keys in memory: 16 (float16, or
+    # bfloat16 where the CPU multiplies it) or 8 (int8 with one float32 scale per token: 0.53x
+    # the bytes at rank 64). Files and metadata exchanged keep float16 either way.
+    key_bits: int = 16
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.budget_tokens < self.group_size:
@@ -56,6 +60,8 @@ class SelectionConfig:
             raise KVSwapError(f"residual_rank must be an integer >= 0, got {self.residual_rank!r}")
         if isinstance(self.key_rank, bool) or not isinstance(self.key_rank, int) or self.key_rank < 0:
             raise KVSwapError(f"key_rank must be an integer >= 0, got {self.key_rank!r}")
+        if isinstance(self.key_bits, bool) or not isinstance(self.key_bits, int) or self.key_bits not in (8, 16):
+            raise KVSwapError(f"key_bits must be 8 or 16, got {self.key_bits!r}")
         if isinstance(self.hysteresis, bool) or not isinstance(self.hysteresis, (int, float)) or \
                 not 0 <= self.hysteresis < 1:
             raise KVSwapError(f"hysteresis must be a number in [0, 1), got {self.hysteresis!r}")

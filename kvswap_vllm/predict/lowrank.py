@@ -81,20 +81,36 @@ class _LowRank(Predictor):
         if self.selection.key_rank:
             self.adapter = self.adapter.leading(self.selection.key_rank)
         self._lr = [RowBuffer() for _ in range(self.shape.num_layers)]  # (tokens, r) per layer
+        # key_bits 8: per token, the scale of its int8 row (tokens,) float32 per layer.
+        self._lr_scale = [RowBuffer() for _ in range(self.shape.num_layers)] if self.selection.key_bits == 8 else []
 
     def _rows(self, layer: int) -> torch.Tensor:
         """(tokens, r) low-rank keys as kept: SCORE_DTYPE, half the memory of float32 (scores only
-        rank groups, which half precision does not change in practice)."""
+        rank groups, which half precision does not change in practice), or int8 (key_bits 8)."""
         return self._lr[layer].view()
 
-    def _keys(self, layer: int) -> torch.Tensor:
+    def _append_keys(self, layer: int, rows: torch.Tensor) -> None:
+        """Keep low-rank keys (tokens, r); with 8 bits, each token's row scaled to its largest
+        magnitude (symmetric: a row's error is at most 1/254 of its largest number)."""
+        if not self._lr_scale:
+            self._lr[layer].append(rows.to(SCORE_DTYPE))
+            return
+        x = rows.float()
+        scale = x.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        self._lr[layer].append(torch.round(x / scale.unsqueeze(1)).to(torch.int8))
+        self._lr_scale[layer].append(scale)
+
+    def _keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's low-rank keys, ready to multiply: as kept in bfloat16, else in float32 in
-        this thread's scratch buffer (valid until the thread's next call)."""
+        this thread's scratch buffer (valid until the thread's next call); and with 8-bit keys
+        the scale per token that products with them take (applied to the (heads, tokens)
+        products: fewer numbers than the keys)."""
         rows = self._rows(layer)
-        return rows if rows.dtype == torch.bfloat16 else _float32_scratch(*rows.shape).copy_(rows)
+        keys = rows if rows.dtype == torch.bfloat16 else _float32_scratch(*rows.shape).copy_(rows)
+        return keys, self._lr_scale[layer].view() if self._lr_scale else None
 
     def _buffers(self) -> Iterable[tuple[RowBuffer, int]]:
-        return ((buf, self.selection.group_size) for buf in self._lr)
+        return ((buf, self.selection.group_size) for buf in (*self._lr, *self._lr_scale))
 
     def _group_max(self, token_scores: torch.Tensor) -> torch.Tensor:
         return token_scores.view(-1, self.selection.group_size).amax(dim=1)
@@ -111,15 +127,16 @@ class JointLowRank(_LowRank):
         if rows.shape[-1] != self.adapter.rank:
             raise ValueError(f"metadata rows of {rows.shape[-1]} numbers per token, this predictor keeps "
                              f"{self.adapter.rank}")
-        self._lr[layer].append(rows.reshape(-1, rows.shape[-1]).to(SCORE_DTYPE))  # (tokens, r)
+        self._append_keys(layer, rows.reshape(-1, rows.shape[-1]))
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         s = self.shape
         q = query.float().view(s.num_kv_heads, s.gqa, s.head_dim).mean(dim=1)  # GQA-averaged (H, d)
         a = self.adapter.joint[layer].view(s.num_kv_heads, s.head_dim, -1)  # per-head slices (H, d, r)
         q_lr = torch.einsum("hd,hdr->r", q, a) / s.num_kv_heads
-        keys = self._keys(layer)
-        return self._group_max((keys @ q_lr.to(keys.dtype)).float())
+        keys, scale = self._keys(layer)
+        token_scores = (keys @ q_lr.to(keys.dtype)).float()
+        return self._group_max(token_scores if scale is None else token_scores * scale)
 
 
 def _project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -266,10 +283,12 @@ class HeadwiseLowRank(JointLowRank):
         # Keys scored per sequence: padding the batch to one tensor costs more memory traffic than
         # the matmul saves (b8 x 7k tokens: 11 -> 7 ms per selection).
         for i, p in enumerate(predictors):
-            keys = p._keys(layer)  # (tokens, r)
+            keys, scale = p._keys(layer)  # (tokens, r)
             # (q_heads, tokens): the softmax runs along contiguous rows (3x faster than along
             # columns), in float32 whatever the keys' dtype
             logits = q_lr[i].to(keys.dtype) @ keys.T
+            if scale is not None:
+                logits = logits * scale
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             if p.value_rank:  # kept for the rest of the selection (note_selection)
                 p._scored[layer] = (probs, logits)

@@ -64,7 +64,7 @@ class HFGenerator(Generator):
         if opts.hot_tier_mb is not None:
             budget = budget_tokens_for(opts.hot_tier_mb, shape.token_bytes(self._model.dtype.itemsize), shape.num_layers,
                                        1, opts.group_size, "--budget-mb")
-        given = {name: getattr(opts, name) for name in ("hysteresis", "residual_rank", "key_rank") if getattr(opts, name) is not None}
+        given = {name: getattr(opts, name) for name in ("hysteresis", "residual_rank", "key_rank", "key_bits") if getattr(opts, name) is not None}
         selection = SelectionConfig(budget_tokens=budget, group_size=opts.group_size, **given)
         if opts.predictor == "dense":
             selection = SelectionConfig(budget_tokens=self.config.max_model_len, group_size=opts.group_size)

@@ -66,6 +66,8 @@ class ConnectorConfig:
     # Numbers per token per layer of the low-rank keys (SelectionConfig.key_rank); 0 = the
     # adapter's rank.
     key_rank: int = SelectionConfig.key_rank
+    # Bits per number of the low-rank keys in memory, 16 or 8 (SelectionConfig.key_bits).
+    key_bits: int = SelectionConfig.key_bits
     # Benchmarks: KVSwap decoding's reads wait as long as `storage_profile`'s device would take
     # (its bandwidth and per-request latency), so a fast disk stands in for an eMMC or SD card.
     throttle_reads: bool = False
@@ -79,7 +81,7 @@ class ConnectorConfig:
                 raise KVSwapError(f"kvswap connector: {name} must be a positive integer, got {value!r}")
         try:
             SelectionConfig(group_size=1, budget_tokens=1, hysteresis=self.hysteresis, residual_rank=self.residual_rank,
-                            key_rank=self.key_rank)
+                            key_rank=self.key_rank, key_bits=self.key_bits)
         except KVSwapError as exc:
             raise KVSwapError(f"kvswap connector: {exc}") from exc
         if self.hot_tier_mb is not None and (not _is_number(self.hot_tier_mb) or self.hot_tier_mb <= 0):

@@ -29,6 +29,8 @@ def connector_options(kv: KVSwapOptions) -> dict:
         extra["residual_rank"] = kv.residual_rank
     if kv.key_rank is not None:
         extra["key_rank"] = kv.key_rank
+    if kv.key_bits is not None:
+        extra["key_bits"] = kv.key_bits
     if kv.hot_tier_mb is not None:  # per sequence here, for every running request in the connector
         extra["hot_tier_mb"] = kv.hot_tier_mb * SPARSE_MAX_NUM_SEQS
     if kv.storage_profile:

@@ -341,7 +341,8 @@ def build_sparse_runtime(options: Any, identity: Any, vllm_config: Any) -> Spars
     budget = mc.max_model_len if options.predictor == "dense" else options.tokens_per_layer(
         token_bytes, shape.num_layers, vllm_config.scheduler_config.max_num_seqs)
     selection = SelectionConfig(budget_tokens=budget, group_size=options.group_size, hysteresis=options.hysteresis,
-                                residual_rank=options.residual_rank, key_rank=options.key_rank)
+                                residual_rank=options.residual_rank, key_rank=options.key_rank,
+                                key_bits=options.key_bits)
     adapter = adapter_for(options.predictor, identity.model_fingerprint, shape.head_dim)
     if not return_freed_memory_promptly():
         log.info("kvswap: not glibc: freed memory may stay resident after large transient tensors")
