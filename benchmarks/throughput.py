@@ -8,7 +8,7 @@ and against the other disk-offload designs, on the same engine and harness.
 
 Systems (SYSTEMS below): `vllm-full` stock vLLM; `kvswap` (the defaults: exact selection, and
 prefetch only where it pays, i.e. not on the CPU); `kvswap-noreuse` (every step reads its whole
-selection); `kvswap-plain` (plain top-k: no hysteresis); `kvswap-noresidual` (attends to the selection alone, no estimate of the rest); `kvswap-rank48` (low-rank keys of rank 48); `kvswap-int8` (low-rank keys in int8); `kvswap-prefetch` (step-start and layer-ahead prefetch forced on); `kvswap-noprefetch`
+selection); `kvswap-plain` (plain top-k: no hysteresis); `kvswap-noresidual` (attends to the selection alone, no estimate of the rest); `kvswap-rank48` (low-rank keys of rank 48); `kvswap-key16` (low-rank keys in 16 bits, not int8); `kvswap-prefetch` (step-start and layer-ahead prefetch forced on); `kvswap-noprefetch`
 (each layer selects from its own query when it runs, reads on the critical path); `kvswap-ahead` (attends to the layer-ahead prediction, as the paper
 does, instead of re-selecting with each layer's own query); `infinigen` (InfiniGen*-style: the
 paper's low-rank predictor over single tokens, no reuse); `dense-disk` (FlexGen-style: the whole
@@ -71,8 +71,8 @@ SYSTEMS: dict[str, dict] = {
     "kvswap-noresidual": {"predictor": "kvswap", "residual_rank": 0},
     # Low-rank keys cut to the adapter's 48 leading basis columns (metadata -25% at rank 64).
     "kvswap-rank48": {"predictor": "kvswap", "key_rank": 48},
-    # Low-rank keys in int8, a scale per token (metadata 0.58x at rank 64 with rank-8 values).
-    "kvswap-int8": {"predictor": "kvswap", "key_bits": 8},
+    # Low-rank keys in 16 bits (the default is int8 with a scale per token).
+    "kvswap-key16": {"predictor": "kvswap", "key_bits": 16},
     "kvswap-prefetch": {"predictor": "kvswap", "prefetch": True},
     "kvswap-noprefetch": {"predictor": "kvswap", "prefetch": False},
     # Attends to the layer-ahead prediction, as the paper does (no exact re-selection).
@@ -180,7 +180,7 @@ def _run_child(spec: dict) -> tuple[dict, dict | None]:
 
 
 #: Systems of `--engine hf` (HF transformers, one prompt at a time): its own dense cache, or KVSwap.
-HF_SYSTEMS = ("hf-full", "kvswap", "kvswap-plain", "kvswap-noresidual", "kvswap-rank48", "kvswap-int8", "kvswap-prefetch", "kvswap-noprefetch")
+HF_SYSTEMS = ("hf-full", "kvswap", "kvswap-plain", "kvswap-noresidual", "kvswap-rank48", "kvswap-key16", "kvswap-prefetch", "kvswap-noprefetch")
 
 
 def _child_hf(spec_path: Path, out_path: Path) -> None:

@@ -73,9 +73,9 @@ def test_finds_the_group_the_query_points_at(predictor) -> None:
 
 def test_metadata_size(predictor) -> None:
     predictor.append_groups(0, keys(10), values(keys(10)))
-    # bytes per token: low-rank keys, rank 16, float16; Quest's min/max keys, float32, per token of a group of 4
-    # (kvswap also keeps its rank-8 low-rank values, float16)
-    per_token = {"kvswap": 16 * 2 + 8 * 2, "kvswap-paper": 16 * 2, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0,
+    # bytes per token: low-rank keys, rank 16, int8 and a float32 scale (the default key_bits 8); Quest's
+    # min/max keys, float32, per token of a group of 4 (kvswap also keeps its rank-8 low-rank values, float16)
+    per_token = {"kvswap": 16 + 4 + 8 * 2, "kvswap-paper": 16 + 4, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0,
                  "oracle": SHAPE.num_kv_heads * SHAPE.head_dim * 4}
     assert predictor.metadata_bytes() == pytest.approx(10 * 4 * per_token[predictor.name])
 
@@ -208,7 +208,7 @@ def test_headwise_scores_are_each_heads_estimated_attention_mass(score_dtype: to
     multiplied in float32; kept in bfloat16, multiplied in bfloat16 (the query too), their
     products rounded to bfloat16 and the softmax in float32."""
     adapter = random_adapter()
-    p = create_predictor("kvswap", SHAPE, SEL, adapter)
+    p = create_predictor("kvswap", SHAPE, SelectionConfig(32, 4, key_bits=16), adapter)
     k = keys(12)
     p.append_groups(0, k, values(k))
     q = torch.randn(6, 16)
@@ -453,8 +453,8 @@ def test_int8_keys_score_as_their_16_bit_rows_within_rounding(name: str, score_d
     magnitude / 127); scores are those of the 16-bit rows dequantised, at about half the memory,
     and they select what the 16-bit keys select unless two groups are within rounding."""
     adapter = random_adapter(16)
-    wide = create_predictor(name, SHAPE, SEL, adapter)
-    narrow = create_predictor(name, SHAPE, SelectionConfig(32, 4, key_bits=8), adapter)
+    wide = create_predictor(name, SHAPE, SelectionConfig(32, 4, key_bits=16), adapter)
+    narrow = create_predictor(name, SHAPE, SEL, adapter)  # key_bits 8, the default
     k = keys(40)
     for p in (wide, narrow):
         p.append_groups(0, k, values(k))

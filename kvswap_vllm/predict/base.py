@@ -48,10 +48,12 @@ class SelectionConfig:
     # adapter's rank. The keys are most of the metadata, and scoring reads all of them at every
     # selection, so this sets both the metadata's memory and the selection's cost.
     key_rank: int = 0
-    # Low-rank predictors: bits per number of the low-rank keys in memory: 16 (float16, or
-    # bfloat16 where the CPU multiplies it) or 8 (int8 with one float32 scale per token: 0.53x
-    # the bytes at rank 64). Files and metadata exchanged keep float16 either way.
-    key_bits: int = 16
+    # Low-rank predictors: bits per number of the low-rank keys in memory: 8 (int8 with one
+    # float32 scale per token) or 16 (float16, or bfloat16 where the CPU multiplies it). Files
+    # and metadata exchanged keep float16 either way. Measured on SmolLM2 at M = 400 (README,
+    # stop 25): 8 bits keep top-1 agreement at 97.85% and all pass keys, perplexity +0.53% vs
+    # +0.50% of dense, with metadata of 87.6 instead of ~150 bytes per token per layer.
+    key_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.budget_tokens < self.group_size:
