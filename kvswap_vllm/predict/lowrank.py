@@ -288,7 +288,7 @@ class HeadwiseLowRank(JointLowRank):
             # columns), in float32 whatever the keys' dtype
             logits = q_lr[i].to(keys.dtype) @ keys.T
             if scale is not None:
-                logits = logits * scale
+                logits.mul_(scale)  # fresh from the product: no copy of (q_heads, tokens)
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             if p.value_rank:  # kept for the rest of the selection (note_selection)
                 p._scored[layer] = (probs, logits)
