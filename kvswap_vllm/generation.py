@@ -59,6 +59,11 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+#: KVSwapOptions fields that are SelectionConfig's of the same name (None = its default): every
+#: engine passes the ones given on as they are.
+SELECTION_OPTIONS = ("hysteresis", "residual_rank", "key_rank", "key_bits")
+
+
 @dataclass(frozen=True)
 class KVSwapOptions:
     """How KVSwap decodes: predictor, budget, groups, where the disk tier lives."""
@@ -158,3 +163,8 @@ def chat_prompt_ids(model: Path, user_text: str) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False).input_ids
     return tokenizer(user_text).input_ids
+
+
+def given_selection_options(kv: "KVSwapOptions") -> dict:
+    """The SELECTION_OPTIONS that `kv` sets (not None), by name."""
+    return {name: getattr(kv, name) for name in SELECTION_OPTIONS if getattr(kv, name) is not None}

