@@ -32,13 +32,23 @@ def disk_logits(model, seq, prompt: torch.Tensor, steps: int, chunk: int) -> lis
     return logits
 
 
+def assert_same_logits(expected: list[torch.Tensor], got: list[torch.Tensor], bit_for_bit: bool) -> None:
+    """Same greedy tokens and logits: bit for bit, or (the order of the attended keys differing)
+    within float32 rounding."""
+    assert [int(a.argmax()) for a in expected] == [int(b.argmax()) for b in got]
+    same = torch.equal if bit_for_bit else (lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-5))
+    assert all(same(a, b) for a, b in zip(expected, got))
+
+
 # dense selects every group, so its hot tier must cover the whole context: full budget only.
 @pytest.mark.parametrize("predictor, budget", [(p, b) for p in ("kvswap", "kvswap-paper", "quest") for b in (8, 4096)]
                          + [("dense", 4096)])
 @pytest.mark.parametrize("reselect", [True, False])
 def test_matches_in_memory_reference_bit_for_bit(tmp_path: Path, predictor: str, budget: int, reselect: bool) -> None:
     """The disk runtime attends to exactly what the in-memory reference does, whether layers
-    re-select with their own query (default) or attend to the layer-ahead prediction."""
+    re-select with their own query (default) or attend to the layer-ahead prediction: bit for
+    bit, except where a sparse kvswap merges its estimate of the rest (it then attends to the
+    hot tier's slots in the order they lie, which only changes how float sums round)."""
     base = tiny_llama()
     adapter = adapter_for(base)
     sel = SelectionConfig(budget, 4)
@@ -51,7 +61,7 @@ def test_matches_in_memory_reference_bit_for_bit(tmp_path: Path, predictor: str,
         rt = KVSwapDisk(model, store, config, adapter)
         seq = rt.new_sequence()
         got = disk_logits(model, seq, PROMPT, 12, chunk=4096)
-        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+        assert_same_logits(expected, got, bit_for_bit=predictor != "kvswap" or budget > 8)
         assert store.num_groups(seq.core.name, 0) == (61 + 12) // 4  # every full group went to disk
         assert seq.core.prefetch.stats.ahead > 0 and seq.core.prefetch.stats.synchronous > 0
         seq.close()
@@ -178,7 +188,7 @@ def test_prefill_mlp_runs_in_row_slices_with_the_same_result() -> None:
 def test_a_layers_own_query_is_projected_once_per_step(tmp_path: Path, prefetch: bool, monkeypatch) -> None:
     """The hook projects a layer's query to select with, and its attention reuses that
     projection; a layer-ahead estimate (the next layer's W_q on this layer's input) does not
-    stand in for the next layer's own query. Logits as in the bit-exact test above."""
+    stand in for the next layer's own query. Logits as in the test above."""
     base = tiny_llama()
     adapter = adapter_for(base)
     sel = SelectionConfig(8, 4)
@@ -202,7 +212,7 @@ def test_a_layers_own_query_is_projected_once_per_step(tmp_path: Path, prefetch:
         monkeypatch.setattr(torch.nn.functional, "linear", counting)
         got = disk_logits(model, seq, PROMPT, 4, chunk=4096)
         seq.close()
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert_same_logits(expected, got, bit_for_bit=False)
     layers = len(weights)
     ahead = (layers - 2) if prefetch else 0  # layers >= 2 are predicted by the layer before them
     assert len(calls) == 4 * (layers + ahead)

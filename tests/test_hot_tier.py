@@ -40,6 +40,12 @@ def test_loads_read_only_misses_and_gathers_hand_out_the_selection(tmp_path: Pat
         assert res.read == [5] and res.hits == 3 and res.slots.tolist() == [0, 2, 3, 1]
         k, v = hot.gather(1, res.slots)  # in the order of the selection
         assert all(torch.equal(a, b) for a, b in zip((k, v), _kv(groups, [0, 2, 3, 5])))
+        # In any order: a selection that fills every slot is handed out as the slots lie, no copy.
+        k, v = hot.gather(1, res.slots, ordered=False)
+        assert all(torch.equal(a, b) for a, b in zip((k, v), _kv(groups, [0, 5, 2, 3])))
+        assert k.data_ptr() == hot.slots[1, 0].data_ptr() and v.data_ptr() == hot.slots[1, 1].data_ptr()
+        k, _ = hot.gather(1, res.slots[:3], ordered=False)  # fewer: gathered, in order
+        assert torch.equal(k, _kv(groups, [0, 2, 3])[0])
 
 
 def test_several_sequences_load_in_one_store_call(tmp_path: Path) -> None:

@@ -344,6 +344,26 @@ def test_rest_with_lossless_bases_recovers_dense_attention() -> None:
     assert err_without > 0.05 and err_with < 0.02 * err_without + 5e-3, (err_without, err_with)
 
 
+def test_attention_over_blocks_equals_attention_over_them_joined() -> None:
+    """decode_attention over (K, V) blocks in any order (the hot tier's slots and the tail, not
+    joined) is attention over the joined keys, with and without the estimate of the rest."""
+    from kvswap_vllm.attention.sparse import decode_attention
+
+    p, ids, _, exact, merged = _dense_and_sparse(8)
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
+    v = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
+    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim, generator=g).unsqueeze(1)
+    kk, vv = (x.reshape(160, SHAPE.num_kv_heads, SHAPE.head_dim).transpose(0, 1) for x in (k, v))
+    tokens = (ids.view(-1, 1) * 4 + torch.arange(4)).flatten()
+    scale, rest = SHAPE.head_dim**-0.5, p.rest(0, ids)
+    order = torch.randperm(len(tokens), generator=g)  # the slots as they lie
+    hot, tail = tokens[order[:-5]], tokens[order[-5:]]
+    blocks = lambda x: (x[:, hot], x[:, tail])  # noqa: E731
+    assert torch.allclose(decode_attention(q, blocks(kk), blocks(vv), scale), exact, atol=1e-6)
+    assert torch.allclose(decode_attention(q, blocks(kk), blocks(vv), scale, rest), merged, atol=1e-6)
+
+
 def test_rest_is_only_of_the_latest_selection_and_none_when_everything_is_selected() -> None:
     p, ids, _, exact, merged = _dense_and_sparse(8)
     assert p.rest(0, ids) is not None and not torch.equal(exact, merged)

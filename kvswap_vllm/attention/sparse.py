@@ -41,16 +41,26 @@ def attention_mass(query: torch.Tensor, key: torch.Tensor, positions: torch.Tens
     return float(probs[:, positions].sum(dim=-1).mean())
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     rest: RestEstimate | None = None) -> torch.Tensor:
-    """One query token: q (Hq, 1, D) against k/v (Hkv, T, D), the query heads of a KV head
-    batched together (torch's SDPA with enable_gqa takes ~1 ms here on CPU, this ~60 us). With
-    `rest` (the estimated attention to the groups k/v leave out), both are merged by their
-    log-sum-exps: out = w * exact + (1 - w) * rest.out, w = sigmoid(lse - rest.lse)."""
-    hq, hkv = q.shape[0], k.shape[0]
+KV = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def decode_attention(q: torch.Tensor, k: KV, v: KV, scale: float, rest: RestEstimate | None = None) -> torch.Tensor:
+    """One query token: q (Hq, 1, D) against k/v (Hkv, T, D), or tuples of such blocks attended
+    to as one (e.g. the hot tier's slots and the tail, without a copy joining them); the query
+    heads of a KV head batched together (torch's SDPA with enable_gqa takes ~1 ms here on CPU,
+    this ~60 us). With `rest` (the estimated attention to the groups k/v leave out), both are
+    merged by their log-sum-exps: out = w * exact + (1 - w) * rest.out, w = sigmoid(lse - rest.lse)."""
+    ks, vs = (k,) if isinstance(k, torch.Tensor) else k, (v,) if isinstance(v, torch.Tensor) else v
+    hq, hkv = q.shape[0], ks[0].shape[0]
     qq = q.reshape(hkv, hq // hkv, q.shape[-1])
-    logits = torch.bmm(qq, k.transpose(1, 2)) * scale
-    exact = torch.bmm(torch.softmax(logits, dim=-1), v).view(hq, 1, -1)
+    parts = [torch.bmm(qq, kb.transpose(1, 2)) for kb in ks]
+    logits = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scale
+    probs = torch.softmax(logits, dim=-1)
+    exact, at = None, 0
+    for vb in vs:
+        part = torch.bmm(probs[..., at:at + vb.shape[1]], vb)
+        exact, at = part if exact is None else exact.add_(part), at + vb.shape[1]
+    exact = exact.view(hq, 1, -1)
     if rest is None or not _rest_scale_matches(scale, q.shape[-1]):
         return exact
     w = torch.sigmoid(torch.logsumexp(logits.float(), dim=-1).view(hq) - rest.lse.to(q.device)).view(hq, 1, 1)

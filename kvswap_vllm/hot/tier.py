@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from kvswap_vllm.errors import KVSwapError
@@ -132,26 +133,35 @@ class HotTier:
         table = self._slot_of[layer]
         if not self.reuse:
             table.clear()
-        wanted = set(ids)
-        free = sorted(set(range(self.slots_per_layer)) - set(table.values()))
-        for g in [g for g in table if g not in wanted]:  # evict groups no longer selected
-            free.append(table.pop(g))
-        return _Plan(ids, [g for g in ids if g not in table], free)
+        if table:
+            misses = [g for g in ids if g not in table]
+            if not misses:
+                return _Plan(ids, misses, [])
+            wanted = set(ids)
+            evicted = [g for g in table if g not in wanted]
+            free = [table.pop(g) for g in evicted]
+            if len(free) < len(misses):  # slots never filled yet (or whose read failed)
+                taken = set(table.values()).union(free)
+                free += [slot for slot in range(self.slots_per_layer) if slot not in taken]
+        else:
+            misses, free = ids, list(range(self.slots_per_layer))
+        return _Plan(ids, misses, free)
 
     def _finish(self, layer: int, plan: _Plan, res: ReadResult) -> LoadResult:
         """Put what was read for `plan` into its slots."""
         table, misses = self._slot_of[layer], plan.misses
-        ok = [i for i, f in enumerate(res.found) if f]
-        unavailable = [misses[i] for i, f in enumerate(res.found) if not f]
-        target = plan.free[: len(ok)]
+        if res.found.all():  # the common case: the staged rows as they are, no gathering copy
+            ok, unavailable, staged = misses, [], self._stage[:len(misses)]
+        else:
+            ok = [g for g, f in zip(misses, res.found.tolist()) if f]
+            unavailable = [g for g, f in zip(misses, res.found.tolist()) if not f]
+            staged = self._stage[torch.from_numpy(np.flatnonzero(res.found))]
+        target = plan.free[:len(ok)]
         if ok:
-            # All read (the common case): the staged rows as they are, no gathering copy.
-            staged = self._stage[:len(ok)] if len(ok) == len(misses) else self._stage[torch.tensor(ok)]
             two, h, _, g, d = self.slots[layer].shape
             rows = staged.to(self.device).view(len(ok), h, two, g * d).permute(2, 1, 0, 3)  # (2, H, n, G*D)
             self.slots[layer].view(two, h, -1, g * d).index_copy_(2, torch.tensor(target, device=self.device), rows)
-        for i, slot in zip(ok, target):
-            table[misses[i]] = slot
+            table.update(zip(ok, target))
         s = self.stats
         s.selected += len(plan.ids)
         s.hits += len(plan.ids) - len(misses)
@@ -159,13 +169,19 @@ class HotTier:
         s.unavailable += len(unavailable)
         slots = torch.tensor([table.get(g, -1) for g in plan.ids], dtype=torch.int64)
         return LoadResult(plan.ids, slots, len(plan.ids) - len(misses), len(misses), res.bytes_read, unavailable,
-                          [misses[i] for i in ok])
+                          list(ok))
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the given slots, in order: each (num_kv_heads, len(slots) * group_size, head_dim)."""
-        g = self.slots[layer].index_select(2, slots.to(self.device))  # (2, H, n, G, D), contiguous
-        _, h, n, gs, d = g.shape
-        return g[0].view(h, n * gs, d), g[1].view(h, n * gs, d)
+    def gather(self, layer: int, slots: torch.Tensor, ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given slots: each (num_kv_heads, len(slots) * group_size, head_dim), in
+        their order; `ordered=False`: in any order (attention does not depend on it), which
+        for a selection that fills every slot is the layer's slot storage itself, without a copy
+        (0.13 ms per layer and step at M = 400 on SmolLM2)."""
+        layer_slots = self.slots[layer]  # (2, H, slots, G, D)
+        _, h, n, gs, d = layer_slots.shape
+        if not ordered and len(slots) == n:  # a selection fills the slots once: every slot is in it
+            return layer_slots[0].view(h, n * gs, d), layer_slots[1].view(h, n * gs, d)
+        g = layer_slots.index_select(2, slots.to(self.device))  # (2, H, n, G, D), contiguous
+        return g[0].view(h, len(slots) * gs, d), g[1].view(h, len(slots) * gs, d)
 
 
 class PendingLoad:

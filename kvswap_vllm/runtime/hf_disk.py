@@ -180,11 +180,9 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
         scale = kwargs.get("scaling") or module.scaling
         out = rt.current.core.prefill_attention(module.layer_idx, query[0], key[0], value[0], scale)
         return out.transpose(0, 1).unsqueeze(0), None
-    core = rt.current.core
-    hk, hv = core.hot_kv(module.layer_idx)
-    k = torch.cat([hk.unsqueeze(0), key], dim=2)
-    v = torch.cat([hv.unsqueeze(0), value], dim=2)
-    return attend_decode(module, query, k, v, core.rest(module.layer_idx), **kwargs)
+    core, layer = rt.current.core, module.layer_idx
+    hk, hv = core.hot_kv(layer, ordered=None)  # the slots as they lie where the order does not matter
+    return attend_decode(module, query, (hk, key[0]), (hv, value[0]), core.rest(layer), **kwargs)
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvswap_vllm.attention.sparse import attention_mass, decode_attention, gather_kv, selected_positions
+from kvswap_vllm.attention.sparse import KV, attention_mass, decode_attention, gather_kv, selected_positions
 from kvswap_vllm.predict.base import ModelShape, Predictor, RestEstimate, SelectionConfig, create_predictor
 from kvswap_vllm.runtime.sequence import DiskRuntimeConfig
 
@@ -75,14 +75,18 @@ def attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return out.transpose(1, 2).contiguous(), None
 
 
-def attend_decode(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rest: RestEstimate | None,
-                  **kwargs):
-    """A decode step's attention over the selected K/V (batch 1): `attend` (HF's numbers, so a
-    covering selection is bit for bit dense), or with `rest`, merged with it (sparse.decode_attention)."""
+def attend_decode(module, query: torch.Tensor, key: KV, value: KV, rest: RestEstimate | None, **kwargs):
+    """A decode step's attention over the selected K/V (batch 1): (1, H, T, d) each, or tuples
+    of (H, T, d) blocks attended to as one. `attend` (HF's numbers, so a covering selection is
+    bit for bit dense; blocks joined first), or with `rest`, merged with it
+    (sparse.decode_attention, over the blocks as they are)."""
     if rest is None:
+        if not isinstance(key, torch.Tensor):
+            key, value = (torch.cat(x, dim=1).unsqueeze(0) for x in (key, value))
         return attend(module, query, key, value, None, **kwargs)
     scale = kwargs.get("scaling") or module.scaling
-    out = decode_attention(query[0], key[0], value[0], scale, rest)  # (Hq, 1, d)
+    key, value = (x[0] if isinstance(x, torch.Tensor) else x for x in (key, value))
+    out = decode_attention(query[0], key, value, scale, rest)  # (Hq, 1, d)
     return out.transpose(0, 1).unsqueeze(0), None
 
 

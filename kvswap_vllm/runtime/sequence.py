@@ -325,9 +325,14 @@ class KVSwapSequence:
             self._flush(layer, tail_k.shape[1] // self.group_size * self.group_size)
         return tail_k, tail_v
 
-    def hot_kv(self, layer: int, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of `layer`'s selected groups, (H, slots*G, d); selects from `query` now if
-        nothing was submitted for this layer."""
+    def hot_kv(self, layer: int, query: torch.Tensor | None = None,
+               ordered: bool | None = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `layer`'s selected groups, (H, slots*G, d), in the order of the selection;
+        `ordered=False`: in any order, without a copy where it can (HotTier.gather); None: so
+        where the layer has an estimate of the rest (`rest`: its attention is then
+        sparse.decode_attention's, which no order changes), else in order (the runtimes then
+        attend with HF's SDPA, whose sums follow the order, as the reference runtime's).
+        Selects from `query` now if nothing was submitted for this layer."""
         if self.needs_selection(layer) and query is not None:
             self.submit(layer, query, ahead=False)
         elif layer not in self._submitted:
@@ -338,7 +343,7 @@ class KVSwapSequence:
         if res.unavailable:
             raise RuntimeError(f"layer {layer}: groups {res.unavailable[:5]} are not in the disk tier")
         self._attended[layer] = torch.tensor(res.groups, dtype=torch.int64)
-        return self.hot.gather(layer, res.slots)
+        return self.hot.gather(layer, res.slots, self.rest(layer) is None if ordered is None else ordered)
 
     def rest(self, layer: int) -> RestEstimate | None:
         """The predictor's estimate of the attention to the full groups `layer` did not attend to
@@ -349,9 +354,17 @@ class KVSwapSequence:
     def decode_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                   query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of `layer`: K and V to attend to (selected groups, then the tail)."""
-        hk, hv = self.hot_kv(layer, query)
-        tail_k, tail_v = self.decode_tail(layer, k, v)
+        (hk, tail_k), (hv, tail_v) = self.decode_blocks(layer, k, v, query, ordered=True)
         return torch.cat([hk, tail_k], dim=1), torch.cat([hv, tail_v], dim=1)
+
+    def decode_blocks(self, layer: int, k: torch.Tensor, v: torch.Tensor, query: torch.Tensor | None = None,
+                      ordered: bool | None = True) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                             tuple[torch.Tensor, torch.Tensor]]:
+        """`decode_kv` as the blocks attention.sparse.decode_attention takes, not joined:
+        ((hot K, tail K), (hot V, tail V)); `ordered` as in `hot_kv`."""
+        hk, hv = self.hot_kv(layer, query, ordered)
+        tail_k, tail_v = self.decode_tail(layer, k, v)
+        return (hk, tail_k), (hv, tail_v)
 
     # ----- tail -> disk ---------------------------------------------------------------------
     def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -164,7 +164,15 @@ class AsyncReads:
                 return
             raise AioError(err, f"io_getevents failed: {os.strerror(err)}")
         ev = self._events[:got]
-        ids, idx = (ev["data"] >> 32).astype(np.int64), (ev["data"] & 0xFFFFFFFF).astype(np.int64)
+        idx = (ev["data"] & 0xFFFFFFFF).astype(np.int64)
+        if len(self._batches) == 1:  # the common case: every event is of the one set in flight
+            (bid, batch), = self._batches.items()
+            batch.result[idx] = ev["res"]
+            batch.pending -= got
+            if not batch.pending:
+                del self._batches[bid]
+            return
+        ids = (ev["data"] >> 32).astype(np.int64)
         for bid in np.unique(ids).tolist():
             batch, mine = self._batches[bid], ids == bid
             batch.result[idx[mine]] = ev["res"][mine]

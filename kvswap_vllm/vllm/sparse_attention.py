@@ -214,7 +214,7 @@ class SparseRuntime:
         q, k, v = query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
         try:
             if e - s == 1 and context > 0:
-                kk, vv = seq.decode_kv(layer, k, v, q[:, 0])
+                kk, vv = seq.decode_blocks(layer, k, v, q[:, 0], ordered=None)
                 o = decode_attention(q, kk, vv, scale, seq.rest(layer))
             else:
                 o = seq.prefill_attention(layer, q, k, v, scale, seed_prefetch=True)
