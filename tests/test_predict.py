@@ -481,6 +481,10 @@ def test_int8_keys_score_as_their_16_bit_rows_within_rounding(name: str, score_d
     rows16 = wide.group_metadata(0, k, values(k))[..., :16].reshape(160, 16).float()  # float16, as exchanged
     rows8, scale = narrow._rows(0), narrow._lr_scale[0].view()
     assert rows8.dtype == torch.int8 and scale.shape == (160,)
+    # multiplied in bfloat16 where the CPU has it (int8 converts to it exactly), else float32
+    ready, _ = narrow._keys(0)
+    assert ready.dtype == (torch.bfloat16 if score_dtype == torch.bfloat16 else torch.float32)
+    assert torch.equal(ready.float(), rows8.float())
     err = (rows8.float() * scale.unsqueeze(1) - rows16).abs().amax(dim=1)
     assert bool((err <= rows16.abs().amax(dim=1) / 254 * 1.001).all())
     q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim)
