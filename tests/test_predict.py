@@ -507,3 +507,40 @@ def test_int8_keys_of_a_zero_row_score_zero_not_nan() -> None:
 def test_bad_key_bits_are_refused(bad) -> None:
     with pytest.raises(KVSwapError, match="key_bits must be 8 or 16"):
         SelectionConfig(budget_tokens=32, group_size=4, key_bits=bad)
+
+
+def test_selection_buffers_are_reused_and_never_shared() -> None:
+    """The low-rank predictors' context-sized transients come from a pool: given back, a buffer
+    serves the next selection; held (a selection waiting for its rest estimate), never."""
+    from kvswap_vllm.predict.lowrank import _BufferPool
+
+    pool = _BufferPool()
+    a = pool.take((3, 100), torch.float32)
+    b = pool.take((3, 100), torch.float32)
+    assert a.data_ptr() != b.data_ptr()
+    pool.give(a)
+    pool.give(a)  # twice: still one free buffer
+    c, d = pool.take((2, 120), torch.float32), pool.take((2, 120), torch.float32)
+    assert c.data_ptr() == a.data_ptr() and d.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    assert pool.take((3, 100), torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_rest_estimates_are_the_same_with_reused_buffers() -> None:
+    """Two sequences selecting in turn, their estimates pending together (as in a batch), give
+    the same estimates as fresh predictors: no buffer is overwritten while a selection holds it."""
+    adapter = with_value_bases(random_adapter())
+    g = torch.Generator().manual_seed(3)
+    seqs = [create_predictor("kvswap", SHAPE, SEL, adapter) for _ in range(2)]
+    kv = [torch.randn(2, n, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g) for n in (30, 50)]
+    for p, (k, v) in zip(seqs, kv):
+        p.append_groups(0, k, v)
+    for step in range(3):
+        q = torch.randn(2, SHAPE.num_q_heads, SHAPE.head_dim, generator=g)
+        ids = [p.select(0, q[i]) for i, p in enumerate(seqs)]  # both pending
+        got = [p.rest(0, sel) for p, sel in zip(seqs, ids)]
+        for i, (k, v) in enumerate(kv):
+            fresh = create_predictor("kvswap", SHAPE, SEL, adapter)
+            fresh.append_groups(0, k, v)
+            assert torch.equal(fresh.select(0, q[i]), ids[i])
+            ref = fresh.rest(0, ids[i])
+            assert torch.equal(got[i].out, ref.out) and torch.equal(got[i].lse, ref.lse)
