@@ -523,6 +523,10 @@ def test_selection_buffers_are_reused_and_never_shared() -> None:
     c, d = pool.take((2, 120), torch.float32), pool.take((2, 120), torch.float32)
     assert c.data_ptr() == a.data_ptr() and d.data_ptr() not in (a.data_ptr(), b.data_ptr())
     assert pool.take((3, 100), torch.bfloat16).dtype == torch.bfloat16
+    pool.give(c, d)
+    big = pool.take((5, 1000), torch.float32)  # fits in neither: both are dropped
+    pool.give(big)
+    assert pool.take((3, 100), torch.float32).data_ptr() == big.data_ptr()
 
 
 def test_rest_estimates_are_the_same_with_reused_buffers() -> None:
