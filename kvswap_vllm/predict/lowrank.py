@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -77,9 +78,7 @@ class _BufferPool:
         self._free: list[torch.Tensor] = []
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        need = 1
-        for n in shape:
-            need *= n
+        need = math.prod(shape)
         with self._lock:
             fits = [i for i, t in enumerate(self._free) if t.dtype == dtype and t.numel() >= need]
             base = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
@@ -340,13 +339,13 @@ class HeadwiseLowRank(JointLowRank):
             # columns), in float32 whatever the keys' dtype
             logits = torch.matmul(q_lr[i].to(keys.dtype), keys.T,
                                   out=_POOL.take((s.num_q_heads, len(keys)), keys.dtype))
-            if scale is not None and logits.dtype != torch.float32:  # a bfloat16 product rounded once, not twice
-                product, logits = logits, _POOL.take(tuple(logits.shape), torch.float32).copy_(logits)
-                _POOL.give(product)
-            if scale is not None:
+            if scale is not None:  # in float32: a bfloat16 product is rounded once, not twice
+                if logits.dtype != torch.float32:
+                    product, logits = logits, _POOL.take(logits.shape, torch.float32).copy_(logits)
+                    _POOL.give(product)
                 logits.mul_(scale)
             probs = torch.ops.aten.softmax.int_out(logits, -1, torch.float32,
-                                                   out=_POOL.take(tuple(logits.shape), torch.float32))
+                                                   out=_POOL.take(logits.shape, torch.float32))
             if p.value_rank:  # kept for the rest of the selection (note_selection)
                 _POOL.give(*p._scored.pop(layer, ()))
                 p._scored[layer] = (probs, logits)
