@@ -100,14 +100,18 @@ def test_reserved_metadata_is_allocated_once_and_scores_the_same(predictor) -> N
     assert predictor.metadata_bytes() > held[-1] or not held[-1]
 
 
-def test_row_buffer_appends_grow_and_refuse_other_rows() -> None:
-    buf = RowBuffer()
+@pytest.mark.parametrize("columns", [False, True])
+def test_row_buffer_appends_grow_and_refuse_other_rows(columns: bool) -> None:
+    buf = RowBuffer(columns)
     with pytest.raises(ValueError, match="no rows"):
         buf.view()
     rows = torch.arange(40.0).view(20, 2)
     for start in range(0, 20, 3):
         buf.append(rows[start:start + 3])
+        if start == 6:
+            buf.reserve(15)  # a reserve after appends moves what is there
     assert len(buf) == 20 and torch.equal(buf.view(), rows)
+    assert (buf.view().stride(0) == 1) == columns  # each column contiguous when kept as columns
     assert buf.nbytes < 20 * 2 * 4 * RowBuffer.GROWTH + 3 * 2 * 4  # spare room bounded by the growth factor
     with pytest.raises(ValueError, match="do not match"):
         buf.append(torch.zeros(1, 3))
@@ -362,6 +366,25 @@ def test_attention_over_blocks_equals_attention_over_them_joined() -> None:
     blocks = lambda x: (x[:, hot], x[:, tail])  # noqa: E731
     assert torch.allclose(decode_attention(q, blocks(kk), blocks(vv), scale), exact, atol=1e-6)
     assert torch.allclose(decode_attention(q, blocks(kk), blocks(vv), scale, rest), merged, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_with_the_rest_in_half_precision_is_the_float32_result(dtype: torch.dtype) -> None:
+    """Engines attend in the model's dtype (CUDA: bfloat16 or float16); the rest, estimated in
+    float32, merges into that attention at its precision."""
+    from kvswap_vllm.attention.sparse import decode_attention
+
+    p, ids, _, exact, merged = _dense_and_sparse(8)
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
+    v = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
+    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim, generator=g).unsqueeze(1)
+    kk, vv = (x.reshape(160, SHAPE.num_kv_heads, SHAPE.head_dim).transpose(0, 1) for x in (k, v))
+    tokens = (ids.view(-1, 1) * 4 + torch.arange(4)).flatten()
+    half = decode_attention(q.to(dtype), kk[:, tokens].to(dtype), vv[:, tokens].to(dtype), SHAPE.head_dim**-0.5,
+                            p.rest(0, ids))
+    assert half.dtype == dtype
+    assert (half.float() - merged).abs().max() < 0.1 * (merged - exact).abs().max() + 2e-2
 
 
 def test_rest_is_only_of_the_latest_selection_and_none_when_everything_is_selected() -> None:

@@ -49,22 +49,26 @@ def decode_attention(q: torch.Tensor, k: KV, v: KV, scale: float, rest: RestEsti
     to as one (e.g. the hot tier's slots and the tail, without a copy joining them); the query
     heads of a KV head batched together (torch's SDPA with enable_gqa takes ~1 ms here on CPU,
     this ~60 us). With `rest` (the estimated attention to the groups k/v leave out), both are
-    merged by their log-sum-exps: out = w * exact + (1 - w) * rest.out, w = sigmoid(lse - rest.lse)."""
+    merged by their log-sum-exps: the rest is one more token in the softmax, of logit rest.lse and
+    value rest.out (the same as w * exact + (1 - w) * rest.out, w = sigmoid(lse - rest.lse), in
+    two small operations instead of seven: measured 70 instead of 118 us per sequence and layer)."""
     ks, vs = (k,) if isinstance(k, torch.Tensor) else k, (v,) if isinstance(v, torch.Tensor) else v
     hq, hkv = q.shape[0], ks[0].shape[0]
     qq = q.reshape(hkv, hq // hkv, q.shape[-1])
     parts = [torch.bmm(qq, kb.transpose(1, 2)) for kb in ks]
     logits = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scale
+    if rest is not None and _rest_scale_matches(scale, q.shape[-1]):
+        logits = torch.cat([logits, rest.lse.to(logits).view(hkv, hq // hkv, 1)], dim=-1)
+    else:
+        rest = None
     probs = torch.softmax(logits, dim=-1)
     exact, at = None, 0
     for vb in vs:
         part = torch.bmm(probs[..., at:at + vb.shape[1]], vb)
         exact, at = part if exact is None else exact.add_(part), at + vb.shape[1]
-    exact = exact.view(hq, 1, -1)
-    if rest is None or not _rest_scale_matches(scale, q.shape[-1]):
-        return exact
-    w = torch.sigmoid(torch.logsumexp(logits.float(), dim=-1).view(hq) - rest.lse.to(q.device)).view(hq, 1, 1)
-    return (w * exact.float() + (1 - w) * rest.out.to(q.device).view(hq, 1, -1)).to(q.dtype)
+    if rest is not None:
+        exact.addcmul_(probs[..., at:], rest.out.to(exact).view(hkv, hq // hkv, -1))
+    return exact.view(hq, 1, -1)
 
 
 def _rest_scale_matches(scale: float, head_dim: int) -> bool:

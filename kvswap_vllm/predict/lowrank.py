@@ -31,6 +31,7 @@ the same dtype: bfloat16 holds every int8 exactly.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import logging
 import math
@@ -195,18 +196,6 @@ def _project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (x.reshape(n * g, -1).float() @ basis).half().view(n, g, -1)
 
 
-def _log_sum_exp(logits: torch.Tensor, p: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """Per row, the log-sum-exp of `logits` (q_heads, tokens), read off their softmax at one
-    token `at[row]` whose probability is `p[row]`: lse = logit - log p there (the most probable
-    selected token: a pass of logsumexp over every token would cost about as much as the rest
-    of the estimate). A row whose p underflows is computed in full."""
-    lse = logits.gather(1, at.view(-1, 1)).view(-1).float() - torch.log(p)
-    lost = p < 1e-30
-    if bool(lost.any()):
-        lse[lost] = torch.logsumexp(logits[lost].float(), dim=-1)
-    return lse
-
-
 #: Below this estimated mass per head the rest is taken as nothing (its share is then within
 #: float32 rounding of the selection's, and dividing by it would amplify that rounding).
 MIN_REST_MASS = 1e-6
@@ -232,12 +221,12 @@ class HeadwiseLowRank(JointLowRank):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.value_rank = value_rank_for(self.selection.residual_rank, self.adapter)
-        self._lv = [RowBuffer() for _ in range(self.shape.num_layers)] if self.value_rank else []  # (tokens, rv)
-        # From score_batch to note_selection, per layer: the estimated distribution per head
-        # and the logits it is the softmax of, (q_heads, tokens) each.
-        self._scored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # From note_selection to prepare_rest: the selection and what was scored for it.
-        self._selected: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # (tokens, rv), kept as columns: the rest estimate multiplies the probabilities by each column
+        self._lv = [RowBuffer(columns=True) for _ in range(self.shape.num_layers)] if self.value_rank else []
+        # From score_batch to note_selection, per layer: what the rest estimate needs of the
+        # scoring; from note_selection to prepare_rest, with the selection.
+        self._scored: dict[int, _Scored] = {}
+        self._selected: dict[int, tuple[torch.Tensor, _Scored]] = {}
         self._rest: dict[int, RestEstimate | None] = {}
 
     @property
@@ -273,52 +262,44 @@ class HeadwiseLowRank(JointLowRank):
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         scores = self.score_batch([self], layer, query.unsqueeze(0))[0]
-        _POOL.give(*self._scored.pop(layer, ()))  # no selection follows
+        _Scored.release(self._scored.pop(layer, None))  # no selection follows
         return scores
 
     def note_selection(self, layer: int, groups: torch.Tensor) -> None:
         scored = self._scored.pop(layer, None)
         self._rest[layer] = None
-        _POOL.give(*self._selected.pop(layer, ())[1:])  # an earlier selection's, never estimated
+        _Scored.release(self._selected.pop(layer, (None, None))[1])  # an earlier selection's, never estimated
         if scored is not None:
-            self._selected[layer] = (groups, *scored)
+            self._selected[layer] = (groups, scored)
 
     def prepare_rest(self, layer: int) -> None:
         pending = self._selected.pop(layer, None)
         if pending is not None:
             self._rest[layer] = self._estimate_rest(layer, *pending)
-            _POOL.give(*pending[1:])
+            _Scored.release(pending[1])
 
     def rest(self, layer: int, groups: torch.Tensor) -> RestEstimate | None:
         self.prepare_rest(layer)
         est = self._rest.get(layer)
         return est if est is not None and torch.equal(est.groups, groups) else None
 
-    def _estimate_rest(self, layer: int, groups: torch.Tensor, probs: torch.Tensor,
-                       logits: torch.Tensor) -> RestEstimate:
+    def _estimate_rest(self, layer: int, groups: torch.Tensor, scored: "_Scored") -> RestEstimate:
         """The unselected tokens' share of each head's estimated distribution, as a softmax block:
-        its log-sum-exp and its output over their low-rank values (mapped back per KV head).
-        Measured at 8 x 7k tokens: ~0.1 ms per sequence and layer (scoring: ~0.3 ms)."""
-        s, g = self.shape, self.selection.group_size
+        its log-sum-exp and its output over their low-rank values (mapped back per KV head), i.e.
+        the whole distribution's (from the scoring) minus the selection's, which takes M tokens."""
+        s, g, probs = self.shape, self.selection.group_size, scored.probs
         n = probs.shape[1] // g  # groups flushed since the selection are not part of its rest
-        rows = self._lv[layer].view()[:n * g]  # (tokens, rv)
-        # (rv, tokens) float32, rows contiguous: the product with probs is 3x faster this way
-        values = _POOL.take((rows.shape[1], rows.shape[0]), torch.float32).copy_(rows.T)
         # The selected groups' probabilities and values, gathered by group (index_select of M/G
         # ids, not fancy indexing of M tokens: 3x cheaper), in the selection's token order.
         picked = probs.view(-1, n, g).index_select(1, groups).flatten(1)  # (q_heads, M)
+        chosen = scored.values.unflatten(1, (n, g)).index_select(1, groups).flatten(1)  # (rv, M)
         mass = 1 - picked.sum(dim=-1)
-        # Everything minus the selection: two small products instead of gathering the rest.
-        out_lr = probs @ values.T - picked @ rows.view(n, g, -1).index_select(0, groups).flatten(0, 1).float()
-        best = picked.max(dim=-1)
-        at = groups[best.indices // g] * g + best.indices % g  # that token's position
-        lse = _log_sum_exp(logits, best.values, at)
         left = mass > MIN_REST_MASS
-        out_lr = out_lr / mass.clamp_min(MIN_REST_MASS).unsqueeze(-1) * left.unsqueeze(-1)
+        # (q_heads, rv): the rest's output, normalised; zero where nothing is left
+        out_lr = (scored.out_lr - picked @ chosen.T).mul_((left / mass.clamp_min(MIN_REST_MASS)).unsqueeze(-1))
         basis = self.adapter.value[layer][:, :self.value_rank].view(s.num_kv_heads, s.head_dim, -1)
         out = torch.bmm(out_lr.view(s.num_kv_heads, s.gqa, -1), basis.transpose(1, 2)).reshape(s.num_q_heads, -1)
-        rest_lse = torch.where(left, lse + torch.log(mass.clamp_min(MIN_REST_MASS)), float("-inf"))
-        _POOL.give(values)
+        rest_lse = (scored.lse + torch.log(mass.clamp_min(MIN_REST_MASS))).masked_fill_(~left, float("-inf"))
         return RestEstimate(groups, out, rest_lse)
 
     @classmethod
@@ -347,11 +328,44 @@ class HeadwiseLowRank(JointLowRank):
             probs = torch.ops.aten.softmax.int_out(logits, -1, torch.float32,
                                                    out=_POOL.take(logits.shape, torch.float32))
             if p.value_rank:  # kept for the rest of the selection (note_selection)
-                _POOL.give(*p._scored.pop(layer, ()))
-                p._scored[layer] = (probs, logits)
+                _Scored.release(p._scored.pop(layer, None))
+                p._scored[layer] = _Scored.of(logits, probs, p._lv[layer].view()[:len(keys)])
             mass = probs.sum(dim=0)
             n = keys.shape[0] // g
             scores[i, :n] = mass[:n * g].view(n, g).sum(dim=1)
+            _POOL.give(logits)
             if not p.value_rank:
-                _POOL.give(probs, logits)
+                _POOL.give(probs)
         return scores
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What a rest estimate needs of one sequence's scoring of a layer, taken while the scoring's
+    (q_heads, tokens) arrays are in cache: at 8 x 7k tokens, reading them again at the estimate,
+    cache-cold, took longer than the products themselves."""
+
+    # (q_heads, tokens) float32, from the pool: the estimated distribution per head.
+    probs: torch.Tensor
+    # (q_heads,) float32: the log-sum-exp of each head's low-rank logits.
+    lse: torch.Tensor
+    # (q_heads, rv) float32: the whole distribution applied to the low-rank values.
+    out_lr: torch.Tensor
+    # (rv, tokens) float32, from the pool: those values.
+    values: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, probs: torch.Tensor, values: torch.Tensor) -> "_Scored":
+        # The log-sum-exp read off the softmax at each head's largest logit, lse = logit - log p
+        # there, where p is the largest probability (>= 1/tokens: no underflow); logsumexp would
+        # exponentiate every logit again, max with indices is 3x slower than two amax.
+        lse = logits.amax(dim=-1).float() - torch.log(probs.amax(dim=-1))
+        # (rv, tokens) float32, contiguous: a product along contiguous rows (3x faster than along
+        # the columns of (tokens, rv))
+        columns = _POOL.take(values.T.shape, torch.float32).copy_(values.T)
+        return cls(probs, lse, probs @ columns.T, columns)
+
+    @staticmethod
+    def release(scored: "_Scored | None") -> None:
+        if scored is not None:
+            _POOL.give(scored.probs, scored.values)
