@@ -324,19 +324,29 @@ def _dense_and_sparse(rest_rank: int, seed: int = 5):
     full = SHAPE.num_kv_heads * SHAPE.head_dim
     sel = SelectionConfig(budget_tokens=32, group_size=4, residual_rank=rest_rank)
     p = create_predictor("kvswap", SHAPE, sel, with_value_bases(random_adapter(rank=full), rank=full))
+    k, v, q, kk, vv = _attention_inputs(seed)
+    p.append_groups(0, k, v)
+    ids = p.select(0, q.squeeze(1))
+    tokens = _tokens(ids)
+    scale = SHAPE.head_dim**-0.5
+    dense = decode_attention(q, kk, vv, scale)
+    exact = decode_attention(q, kk[:, tokens], vv[:, tokens], scale)
+    return p, ids, dense, exact, decode_attention(q, kk[:, tokens], vv[:, tokens], scale, p.rest(0, ids))
+
+
+def _attention_inputs(seed: int = 5) -> tuple[torch.Tensor, ...]:
+    """Keys and values of 40 groups of 4, as groups (40, 4, H, d) and as heads (H, 160, d), and
+    a query (Hq, 1, d)."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
     v = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
-    p.append_groups(0, k, v)
-    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim, generator=g)
-    ids = p.select(0, q)
-    as_heads = lambda x: x.reshape(160, SHAPE.num_kv_heads, SHAPE.head_dim).transpose(0, 1)  # noqa: E731
-    kk, vv = as_heads(k), as_heads(v)
-    tokens = (ids.view(-1, 1) * 4 + torch.arange(4)).flatten()
-    scale = SHAPE.head_dim**-0.5
-    dense = decode_attention(q.unsqueeze(1), kk, vv, scale)
-    exact = decode_attention(q.unsqueeze(1), kk[:, tokens], vv[:, tokens], scale)
-    return p, ids, dense, exact, decode_attention(q.unsqueeze(1), kk[:, tokens], vv[:, tokens], scale, p.rest(0, ids))
+    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim, generator=g).unsqueeze(1)
+    kk, vv = (x.reshape(160, SHAPE.num_kv_heads, SHAPE.head_dim).transpose(0, 1) for x in (k, v))
+    return k, v, q, kk, vv
+
+
+def _tokens(ids: torch.Tensor) -> torch.Tensor:
+    return (ids.view(-1, 1) * 4 + torch.arange(4)).flatten()
 
 
 def test_rest_with_lossless_bases_recovers_dense_attention() -> None:
@@ -355,11 +365,8 @@ def test_attention_over_blocks_equals_attention_over_them_joined() -> None:
 
     p, ids, _, exact, merged = _dense_and_sparse(8)
     g = torch.Generator().manual_seed(5)
-    k = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
-    v = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
-    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim, generator=g).unsqueeze(1)
-    kk, vv = (x.reshape(160, SHAPE.num_kv_heads, SHAPE.head_dim).transpose(0, 1) for x in (k, v))
-    tokens = (ids.view(-1, 1) * 4 + torch.arange(4)).flatten()
+    _, _, q, kk, vv = _attention_inputs()
+    tokens = _tokens(ids)
     scale, rest = SHAPE.head_dim**-0.5, p.rest(0, ids)
     order = torch.randperm(len(tokens), generator=g)  # the slots as they lie
     hot, tail = tokens[order[:-5]], tokens[order[-5:]]
@@ -375,12 +382,8 @@ def test_attention_with_the_rest_in_half_precision_is_the_float32_result(dtype: 
     from kvswap_vllm.attention.sparse import decode_attention
 
     p, ids, _, exact, merged = _dense_and_sparse(8)
-    g = torch.Generator().manual_seed(5)
-    k = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
-    v = torch.randn(40, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
-    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim, generator=g).unsqueeze(1)
-    kk, vv = (x.reshape(160, SHAPE.num_kv_heads, SHAPE.head_dim).transpose(0, 1) for x in (k, v))
-    tokens = (ids.view(-1, 1) * 4 + torch.arange(4)).flatten()
+    _, _, q, kk, vv = _attention_inputs()
+    tokens = _tokens(ids)
     half = decode_attention(q.to(dtype), kk[:, tokens].to(dtype), vv[:, tokens].to(dtype), SHAPE.head_dim**-0.5,
                             p.rest(0, ids))
     assert half.dtype == dtype
