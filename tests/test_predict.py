@@ -398,6 +398,8 @@ def test_rest_is_only_of_the_latest_selection_and_none_when_everything_is_select
     q[:, 0] = 50.0  # another query: another selection replaces the estimate
     again = p.select(0, q)
     assert not torch.equal(again, ids) and p.rest(0, ids) is None and p.rest(0, again) is not None
+    prefetch_only = p.select(0, q * 2, rest=False)  # a selection no layer attends to keeps no estimate
+    assert p.rest(0, prefetch_only) is None and p.rest(0, again) is None
     small = create_predictor("kvswap", SHAPE, SEL, random_adapter())
     small.append_groups(0, keys(5), values(keys(5)))
     assert small.rest(0, small.select(0, torch.randn(6, 16))) is None  # all 5 groups within the budget

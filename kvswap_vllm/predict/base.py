@@ -148,16 +148,20 @@ class Predictor(ABC):
         digest = getattr(self.adapter, "digest", None)
         return self.name if digest is None else f"{self.name}:{digest}"
 
-    def select(self, layer: int, query: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+    def select(self, layer: int, query: torch.Tensor, previous: torch.Tensor | None = None,
+               rest: bool = True) -> torch.Tensor:
         """Ids (ascending, int64) of the full groups `layer` should attend to; `previous`: the
-        ids it attended to at its previous step (favoured, see SelectionConfig.hysteresis)."""
-        return select_batch([self], layer, query.unsqueeze(0), [previous])[0]
+        ids it attended to at its previous step (favoured, see SelectionConfig.hysteresis);
+        `rest`: whether the layer may attend to this selection (then a predictor that estimates
+        the rest keeps what the estimate needs; not for a selection that only prefetches)."""
+        return select_batch([self], layer, query.unsqueeze(0), [previous], rest)[0]
 
     @classmethod
-    def score_batch(cls, predictors: list["Predictor"], layer: int, queries: torch.Tensor) -> torch.Tensor:
+    def score_batch(cls, predictors: list["Predictor"], layer: int, queries: torch.Tensor,
+                    rest: bool = True) -> torch.Tensor:
         """(len(predictors), max groups) scores of several sequences' predictors of this class
-        for one layer, -inf past each one's groups; `queries` (len(predictors), q_heads, d).
-        Classes that can score a batch in one pass override this."""
+        for one layer, -inf past each one's groups; `queries` (len(predictors), q_heads, d);
+        `rest` as in `select`. Classes that can score a batch in one pass override this."""
         n = max(p.num_groups(layer) for p in predictors)
         out = torch.full((len(predictors), n), float("-inf"))
         for i, (p, q) in enumerate(zip(predictors, queries)):
@@ -212,11 +216,12 @@ class Predictor(ABC):
 
 
 def select_batch(predictors: list[Predictor], layer: int, queries: torch.Tensor,
-                 previous: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                 previous: list[torch.Tensor | None] | None = None, rest: bool = True) -> list[torch.Tensor]:
     """`Predictor.select` for several sequences at once (one predictor each, all with the same
     selection config); predictors of one class are scored together, in one pass where the
     class can (one engine step, one layer: a few large operations instead of many small ones).
-    `previous[i]`: what sequence i attended to at its previous step, or None."""
+    `previous[i]`: what sequence i attended to at its previous step, or None; `rest` as in
+    `Predictor.select`."""
     out: list[torch.Tensor | None] = [None] * len(predictors)
     by_class: dict[type, list[int]] = {}
     for i, p in enumerate(predictors):
@@ -226,7 +231,7 @@ def select_batch(predictors: list[Predictor], layer: int, queries: torch.Tensor,
         else:
             by_class.setdefault(type(p), []).append(i)
     for cls, rows in by_class.items():
-        scores = cls.score_batch([predictors[i] for i in rows], layer, queries[rows])
+        scores = cls.score_batch([predictors[i] for i in rows], layer, queries[rows], rest)
         selection = predictors[rows[0]].selection
         kept = [None if previous is None else previous[i] for i in rows]
         picked = top_groups(scores, selection.budget_groups, kept, selection.keep_places)

@@ -261,9 +261,7 @@ class HeadwiseLowRank(JointLowRank):
         yield from ((buf, self.selection.group_size) for buf in self._lv)
 
     def score(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        scores = self.score_batch([self], layer, query.unsqueeze(0))[0]
-        _Scored.release(self._scored.pop(layer, None))  # no selection follows
-        return scores
+        return self.score_batch([self], layer, query.unsqueeze(0), rest=False)[0]  # no selection follows
 
     def note_selection(self, layer: int, groups: torch.Tensor) -> None:
         scored = self._scored.pop(layer, None)
@@ -303,7 +301,8 @@ class HeadwiseLowRank(JointLowRank):
         return RestEstimate(groups, out, rest_lse)
 
     @classmethod
-    def score_batch(cls, predictors: list["HeadwiseLowRank"], layer: int, queries: torch.Tensor) -> torch.Tensor:
+    def score_batch(cls, predictors: list["HeadwiseLowRank"], layer: int, queries: torch.Tensor,
+                    rest: bool = True) -> torch.Tensor:
         first = predictors[0]
         s, g = first.shape, first.selection.group_size
         a = first.adapter.joint[layer].view(s.num_kv_heads, s.head_dim, -1)  # per-head slices (H, d, r)
@@ -327,14 +326,14 @@ class HeadwiseLowRank(JointLowRank):
                 logits.mul_(scale)
             probs = torch.ops.aten.softmax.int_out(logits, -1, torch.float32,
                                                    out=_POOL.take(logits.shape, torch.float32))
-            if p.value_rank:  # kept for the rest of the selection (note_selection)
-                _Scored.release(p._scored.pop(layer, None))
+            _Scored.release(p._scored.pop(layer, None))
+            if p.value_rank and rest:  # kept for the rest of the selection (note_selection)
                 p._scored[layer] = _Scored.of(logits, probs, p._lv[layer].view()[:len(keys)])
             mass = probs.sum(dim=0)
             n = keys.shape[0] // g
             scores[i, :n] = mass[:n * g].view(n, g).sum(dim=1)
             _POOL.give(logits)
-            if not p.value_rank:
+            if layer not in p._scored:
                 _POOL.give(probs)
         return scores
 

@@ -173,7 +173,7 @@ class KVSwapReference:
         # (its estimate of the rest is of that one).
         ahead = None
         if predicted is not None and self.reselect:
-            ahead = set(self.predictor.select(layer, predicted, previous).tolist())
+            ahead = set(self.predictor.select(layer, predicted, previous, rest=False).tolist())
         groups = self.predictor.select(layer, real_q if predicted is None or self.reselect else predicted, previous)
         if ahead is not None and len(groups):
             self.stats.ahead_hit_sum[layer] += sum(gid in ahead for gid in groups.tolist()) / len(groups)

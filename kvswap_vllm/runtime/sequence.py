@@ -285,7 +285,9 @@ class KVSwapSequence:
     def _select(seqs: list["KVSwapSequence"], layer: int, queries: torch.Tensor,
                 ahead: bool) -> tuple[list[torch.Tensor], list[str]]:
         queries = queries.to("cpu")  # the predictor's metadata is in host memory
-        groups = select_batch([s.predictor for s in seqs], layer, queries, [s._attended[layer] for s in seqs])
+        # An ahead selection is attended to only where the own query does not select again.
+        rest = not ahead or not seqs[0].config.reselect
+        groups = select_batch([s.predictor for s in seqs], layer, queries, [s._attended[layer] for s in seqs], rest)
         return groups, [seq._note_selection(layer, query, ahead) for seq, query in zip(seqs, queries)]
 
     def needs_selection(self, layer: int) -> bool:
@@ -313,7 +315,7 @@ class KVSwapSequence:
         for layer in range(FIRST_AHEAD_LAYER, self.shape.num_layers):
             q, groups = self._query[layer], self.predictor.num_groups(layer)
             if q is not None and layer not in self._submitted and groups and groups != self._selected_over[layer]:
-                self.prefetch.submit(layer, self.predictor.select(layer, q, self._attended[layer]), "step")
+                self.prefetch.submit(layer, self.predictor.select(layer, q, self._attended[layer], rest=False), "step")
                 self._selected_over[layer] = groups
 
     def decode_tail(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
