@@ -57,16 +57,15 @@ def decode_attention(q: torch.Tensor, k: KV, v: KV, scale: float, rest: RestEsti
     qq = q.reshape(hkv, hq // hkv, q.shape[-1])
     parts = [torch.bmm(qq, kb.transpose(1, 2)) for kb in ks]
     logits = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)) * scale
-    if rest is not None and _rest_scale_matches(scale, q.shape[-1]):
+    merge = rest is not None and _rest_scale_matches(scale, q.shape[-1])
+    if merge:
         logits = torch.cat([logits, rest.lse.to(logits).view(hkv, hq // hkv, 1)], dim=-1)
-    else:
-        rest = None
     probs = torch.softmax(logits, dim=-1)
     exact, at = None, 0
     for vb in vs:
         part = torch.bmm(probs[..., at:at + vb.shape[1]], vb)
         exact, at = part if exact is None else exact.add_(part), at + vb.shape[1]
-    if rest is not None:
+    if merge:
         exact.addcmul_(probs[..., at:], rest.out.to(exact).view(hkv, hq // hkv, -1))
     return exact.view(hq, 1, -1)
 

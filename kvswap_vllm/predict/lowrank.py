@@ -289,8 +289,8 @@ class HeadwiseLowRank(JointLowRank):
         n = probs.shape[1] // g  # groups flushed since the selection are not part of its rest
         # The selected groups' probabilities and values, gathered by group (index_select of M/G
         # ids, not fancy indexing of M tokens: 3x cheaper), in the selection's token order.
-        picked = probs.view(-1, n, g).index_select(1, groups).flatten(1)  # (q_heads, M)
-        chosen = scored.values.unflatten(1, (n, g)).index_select(1, groups).flatten(1)  # (rv, M)
+        picked, chosen = (x[:, :n * g].unflatten(1, (n, g)).index_select(1, groups).flatten(1)
+                          for x in (probs, scored.values))  # (q_heads, M), (rv, M)
         mass = 1 - picked.sum(dim=-1)
         left = mass > MIN_REST_MASS
         # (q_heads, rv): the rest's output, normalised; zero where nothing is left
