@@ -74,8 +74,8 @@ def test_finds_the_group_the_query_points_at(predictor) -> None:
 def test_metadata_size(predictor) -> None:
     predictor.append_groups(0, keys(10), values(keys(10)))
     # bytes per token: low-rank keys, rank 16, int8 and a float32 scale (the default key_bits 8); Quest's
-    # min/max keys, float32, per token of a group of 4 (kvswap also keeps its rank-8 low-rank values, float16)
-    per_token = {"kvswap": 16 + 4 + 8 * 2, "kvswap-paper": 16 + 4, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0,
+    # min/max keys, float32, per token of a group of 4 (kvswap also keeps its rank-8 low-rank values, float32)
+    per_token = {"kvswap": 16 + 4 + 8 * 4, "kvswap-paper": 16 + 4, "quest": 2 * 2 * 16 / 4 * 4, "window": 0, "dense": 0,
                  "oracle": SHAPE.num_kv_heads * SHAPE.head_dim * 4}
     assert predictor.metadata_bytes() == pytest.approx(10 * 4 * per_token[predictor.name])
 
@@ -509,10 +509,14 @@ def test_int8_keys_score_as_their_16_bit_rows_within_rounding(name: str, score_d
     rows16 = wide.group_metadata(0, k, values(k))[..., :16].reshape(160, 16).float()  # float16, as exchanged
     rows8, scale = narrow._rows(0), narrow._lr_scale[0].view()
     assert rows8.dtype == torch.int8 and scale.shape == (160,)
-    # multiplied in bfloat16 where the CPU has it (int8 converts to it exactly), else float32
-    ready, _ = narrow._keys(0)
-    assert ready.dtype == (torch.bfloat16 if score_dtype == torch.bfloat16 else torch.float32)
-    assert torch.equal(ready.float(), rows8.float())
+    # the products are those of the dequantised rows: as int8 products to the query's split
+    # (split_int8, 1/64516 of its largest number), else to bfloat16's rounding where used
+    from kvswap_vllm.predict.lowrank import INT8_PRODUCTS
+
+    q_lr = torch.randn(3, 16)
+    exact = q_lr.double() @ (rows8.double() * scale.double().unsqueeze(1)).T
+    tol = 2e-4 if INT8_PRODUCTS or score_dtype != torch.bfloat16 else 2e-2
+    torch.testing.assert_close(narrow._logits(0, q_lr).double(), exact, rtol=tol, atol=tol * float(exact.abs().max()))
     err = (rows8.float() * scale.unsqueeze(1) - rows16).abs().amax(dim=1)
     assert bool((err <= rows16.abs().amax(dim=1) / 254 * 1.001).all())
     q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim)
@@ -521,8 +525,43 @@ def test_int8_keys_score_as_their_16_bit_rows_within_rounding(name: str, score_d
     torch.testing.assert_close(s8, s16, rtol=0.05, atol=0.03 * float(s16.abs().max()))
     overlap = len(set(wide.select(0, q).tolist()) & set(narrow.select(0, q).tolist()))
     assert overlap >= SEL.budget_groups - 1
-    assert narrow.metadata_bytes() < 0.8 * wide.metadata_bytes()
+    # per token, 16 int8 numbers and a float32 scale instead of 16 16-bit numbers
+    assert wide.metadata_bytes() - narrow.metadata_bytes() == 160 * (2 * 16 - 16 - 4)
     assert narrow.metadata_id == wide.metadata_id  # files keep float16 rows either way
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 40.0])
+def test_split_int8_queries_are_exact_to_a_64516th_of_each_rows_largest_number(scale: float) -> None:
+    """A query row as two int8 parts (split_int8): hi on its largest magnitude / 127, its rounding
+    error on 1/254 of that, joined as 254 * hi + lo; rows of zeros stay zeros."""
+    from kvswap_vllm.predict.lowrank import split_int8
+
+    q = torch.randn(2, 5, 16) * scale
+    q[1, 2] = 0
+    q8, s = split_int8(q)
+    assert q8.dtype == torch.int8 and q8.shape == (2, 10, 16) and s.shape == (2, 5, 1)
+    assert int(q8[:, :5].abs().max()) == 127 and int(q8[:, 5:].abs().max()) <= 127
+    back = s * (254 * q8[:, :5].double() + q8[:, 5:].double())
+    err = (back - q.double()).abs().amax(dim=-1)
+    assert bool((err <= q.abs().amax(dim=-1).double() / 64516 * 1.01).all())
+    assert float(err.max()) > 0 and torch.equal(back[1, 2], torch.zeros(16, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not __import__("kvswap_vllm.predict.lowrank", fromlist=["x"]).INT8_PRODUCTS,
+                    reason="torch cannot multiply int8 matrices here")
+def test_int8_keys_are_multiplied_as_int8_without_a_converted_copy(monkeypatch) -> None:
+    """8-bit keys go to torch._int_mm as kept: scoring allocates no converted copy of them."""
+    from kvswap_vllm.predict import lowrank
+
+    p = create_predictor("kvswap", SHAPE, SEL, random_adapter(16))
+    k = keys(40)
+    p.append_groups(0, k, values(k))
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b, **kw: calls.append((a.dtype, b.dtype)) or real(a, b, **kw))
+    monkeypatch.setattr(lowrank, "_scratch", lambda *a: pytest.fail("keys converted for scoring"))
+    p.score(0, torch.randn(SHAPE.num_q_heads, SHAPE.head_dim))
+    assert calls == [(torch.int8, torch.int8)]
 
 
 def test_int8_keys_of_a_zero_row_score_zero_not_nan() -> None:

@@ -3,12 +3,12 @@ keys of all KV heads concatenated and projected on the joint basis A (H*d, r): `
 exchanged (files, `group_metadata`) in float16 and kept in memory in the scoring dtype.
 
 Scoring reads every token's low-rank key of the layer, once per selection, and at batch 8 x 7k
-tokens that is 215 MB per step: memory-bound. Where the CPU multiplies bfloat16 natively
-(AVX512-BF16 or AMX on x86, BF16 on Arm), the keys are kept in bfloat16 (same size) and
-multiplied as they are; elsewhere they stay float16 and go through a float32 buffer. Measured
-on the dev VM (AVX512-BF16), 7k tokens, cache-cold: 0.25 ms per sequence and layer in bfloat16
-against 0.78 ms converting float16 to float32. 8-bit keys (the default) go through a buffer of
-the same dtype: bfloat16 holds every int8 exactly.
+tokens that is 215 MB per step: memory-bound. 8-bit keys (the default) are multiplied as they
+are, by the query split into two int8 parts (torch._int_mm; the split is finer than bfloat16):
+measured at 7k tokens, cache-cold, 136 us per sequence and layer against 310 us converting the
+keys to bfloat16 first. 16-bit keys: where the CPU multiplies bfloat16 natively (AVX512-BF16 or
+AMX on x86, BF16 on Arm), they are kept in bfloat16 and multiplied as they are; elsewhere they
+stay float16 and go through a float32 buffer (0.25 against 0.78 ms on the dev VM).
 
 - JointLowRank ("kvswap-paper", as published): the query is averaged within each GQA group,
   each KV head's part projected through its (d, r) slice of A and the parts summed: one
@@ -120,6 +120,37 @@ SCORE_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
     os.environ.get("KVSWAP_LOWRANK_DTYPE", ""), torch.bfloat16 if native_bf16() else torch.float16)
 
 
+def _int8_products_work() -> bool:
+    """Whether this torch multiplies int8 matrices on the CPU (torch._int_mm), exactly."""
+    try:
+        a = torch.arange(-32, 32, dtype=torch.int8).view(2, 32)
+        return torch.equal(torch._int_mm(a, a.T), a.int() @ a.int().T)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+#: Whether 8-bit keys are multiplied as int8 (else converted to SCORE_DTYPE first). Measured at
+#: 7k tokens, cache-cold, 9 query heads x rank 64: 136 us per product (the query in two parts)
+#: against 310 us converting the keys to bfloat16 and multiplying those.
+INT8_PRODUCTS = _int8_products_work()
+
+
+def split_int8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., m, r) float32 -> (..., 2m, r) int8 and (..., m, 1) float32 scales s with
+    q = s * (254 * q8[:m] + q8[m:]) to within s / 2 = max|row| / 64516 per number (finer than
+    bfloat16's rounding of each): each row on 8 bits at s * 254 = max|row| / 127, then its
+    rounding error on 8 more, so one int8 product of the 2m rows with int8 keys gives both."""
+    scale = q.abs().amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
+    x = q / scale
+    hi = x.round()
+    lo = x.sub_(hi).mul_(254).round_()  # |x - hi| <= 1/2: |lo| <= 127
+    return torch.cat([hi, lo], dim=-2).to(torch.int8), scale.div_(254)
+
+
+#: Largest rank whose split products (254 * hi + lo, see split_int8) cannot overflow int32.
+MAX_INT8_RANK = (2**31 - 1) // (255 * 127 * 127)
+
+
 class _LowRank(Predictor):
     needs_adapter = True
 
@@ -147,18 +178,33 @@ class _LowRank(Predictor):
         self._lr[layer].append(torch.round(x / scale.unsqueeze(1)).to(torch.int8))
         self._lr_scale[layer].append(scale)
 
-    def _keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's low-rank keys, ready to multiply, in bfloat16 where the CPU multiplies it
-        natively (int8 rows convert to it exactly), else float32: as kept, or converted in this
-        thread's scratch buffer (valid until the thread's next call); and with 8-bit keys the
-        scale per token that products with them take (applied to the (heads, tokens) products:
-        fewer numbers than the keys). Measured at 7k tokens on AVX512-BF16, conversion and
-        product per layer, cache-cold: ~0.16 ms through bfloat16 against ~0.24 ms through
-        float32; in the HF decode step the selection took 16.5 instead of 30 ms per step."""
+    def _logits(self, layer: int, q_lr: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor] | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """(m, tokens) float32 products of low-rank queries q_lr (m, r) float32 with the layer's
+        low-rank keys (into `out` when given). 8-bit keys are multiplied as they are, by the
+        query split into two int8 parts (`split`: split_int8(q_lr), when the caller has it);
+        16-bit keys in bfloat16 where the CPU multiplies it natively, else through float32."""
         rows = self._rows(layer)
-        dtype = torch.bfloat16 if SCORE_DTYPE == torch.bfloat16 else torch.float32
-        keys = rows if rows.dtype == dtype else _scratch(*rows.shape, dtype).copy_(rows)
-        return keys, self._lr_scale[layer].view() if self._lr_scale else None
+        m, tokens = q_lr.shape[0], rows.shape[0]
+        out = torch.empty(m, tokens) if out is None else out
+        if rows.dtype == torch.int8 and INT8_PRODUCTS and rows.shape[1] <= MAX_INT8_RANK:
+            q8, s = split_int8(q_lr) if split is None else split
+            prod = torch._int_mm(q8, rows.T, out=_POOL.take((2 * m, tokens), torch.int32))
+            # the two parts joined in int32, then converted once, in place (no temporaries)
+            out.copy_(prod[:m].mul_(254).add_(prod[m:])).mul_(s)
+            _POOL.give(prod)
+        else:
+            dtype = torch.bfloat16 if SCORE_DTYPE == torch.bfloat16 else torch.float32
+            keys = rows if rows.dtype == dtype else _scratch(*rows.shape, dtype).copy_(rows)
+            if dtype == torch.float32:
+                torch.matmul(q_lr, keys.T, out=out)
+            else:  # the product rounded to bfloat16 once, then in float32
+                prod = torch.matmul(q_lr.to(dtype), keys.T, out=_POOL.take((m, tokens), dtype))
+                out.copy_(prod)
+                _POOL.give(prod)
+        if self._lr_scale:
+            out.mul_(self._lr_scale[layer].view())
+        return out
 
     def _buffers(self) -> Iterable[tuple[RowBuffer, int]]:
         return ((buf, self.selection.group_size) for buf in (*self._lr, *self._lr_scale))
@@ -185,9 +231,7 @@ class JointLowRank(_LowRank):
         q = query.float().view(s.num_kv_heads, s.gqa, s.head_dim).mean(dim=1)  # GQA-averaged (H, d)
         a = self.adapter.joint[layer].view(s.num_kv_heads, s.head_dim, -1)  # per-head slices (H, d, r)
         q_lr = torch.einsum("hd,hdr->r", q, a) / s.num_kv_heads
-        keys, scale = self._keys(layer)
-        token_scores = (keys @ q_lr.to(keys.dtype)).float()
-        return self._group_max(token_scores if scale is None else token_scores * scale)
+        return self._group_max(self._logits(layer, q_lr.unsqueeze(0))[0])
 
 
 def _project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -221,7 +265,8 @@ class HeadwiseLowRank(JointLowRank):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.value_rank = value_rank_for(self.selection.residual_rank, self.adapter)
-        # (tokens, rv), kept as columns: the rest estimate multiplies the probabilities by each column
+        # (tokens, rv) float32, kept as columns: the rest estimate multiplies the probabilities by
+        # each column, as they are (a float32 copy per selection cost 49 us at 7k tokens, cold)
         self._lv = [RowBuffer(columns=True) for _ in range(self.shape.num_layers)] if self.value_rank else []
         # From score_batch to note_selection, per layer: what the rest estimate needs of the
         # scoring; from note_selection to prepare_rest, with the selection.
@@ -254,7 +299,7 @@ class HeadwiseLowRank(JointLowRank):
                              f"{r} + {self.value_rank}")
         super()._store(layer, rows[..., :r])
         if self.value_rank:
-            self._lv[layer].append(rows[..., r:].reshape(-1, self.value_rank).to(SCORE_DTYPE))
+            self._lv[layer].append(rows[..., r:].reshape(-1, self.value_rank).float())
 
     def _buffers(self) -> Iterable[tuple[RowBuffer, int]]:
         yield from super()._buffers()
@@ -313,24 +358,20 @@ class HeadwiseLowRank(JointLowRank):
         scores = torch.full((len(predictors), max(p.num_groups(layer) for p in predictors)), float("-inf"))
         # Keys scored per sequence: padding the batch to one tensor costs more memory traffic than
         # the matmul saves (b8 x 7k tokens: 11 -> 7 ms per selection).
+        split = split_int8(q_lr) if INT8_PRODUCTS and first._lr_scale else None  # once for the batch
         for i, p in enumerate(predictors):
-            keys, scale = p._keys(layer)  # (tokens, r)
+            tokens = p.num_groups(layer) * g
             # (q_heads, tokens): the softmax runs along contiguous rows (3x faster than along
             # columns), in float32 whatever the keys' dtype
-            logits = torch.matmul(q_lr[i].to(keys.dtype), keys.T,
-                                  out=_POOL.take((s.num_q_heads, len(keys)), keys.dtype))
-            if scale is not None:  # in float32: a bfloat16 product is rounded once, not twice
-                if logits.dtype != torch.float32:
-                    product, logits = logits, _POOL.take(logits.shape, torch.float32).copy_(logits)
-                    _POOL.give(product)
-                logits.mul_(scale)
+            logits = p._logits(layer, q_lr[i], None if split is None else (split[0][i], split[1][i]),
+                               out=_POOL.take((s.num_q_heads, tokens), torch.float32))
             probs = torch.ops.aten.softmax.int_out(logits, -1, torch.float32,
                                                    out=_POOL.take(logits.shape, torch.float32))
             _Scored.release(p._scored.pop(layer, None))
             if p.value_rank and rest:  # kept for the rest of the selection (note_selection)
-                p._scored[layer] = _Scored.of(logits, probs, p._lv[layer].view()[:len(keys)])
+                p._scored[layer] = _Scored.of(logits, probs, p._lv[layer].view()[:tokens])
             mass = probs.sum(dim=0)
-            n = keys.shape[0] // g
+            n = tokens // g
             scores[i, :n] = mass[:n * g].view(n, g).sum(dim=1)
             _POOL.give(logits)
             if layer not in p._scored:
@@ -350,21 +391,20 @@ class _Scored:
     lse: torch.Tensor
     # (q_heads, rv) float32: the whole distribution applied to the low-rank values.
     out_lr: torch.Tensor
-    # (rv, tokens) float32, from the pool: those values.
+    # (rv, tokens) float32: those values (a view of the predictor's columns).
     values: torch.Tensor
 
     @classmethod
     def of(cls, logits: torch.Tensor, probs: torch.Tensor, values: torch.Tensor) -> "_Scored":
+        """`values`: (tokens, rv) float32, a transposed view of columns (RowBuffer(columns=True)):
+        the product runs along their contiguous rows (3x faster than along columns of (tokens, rv))."""
         # The log-sum-exp read off the softmax at each head's largest logit, lse = logit - log p
         # there, where p is the largest probability (>= 1/tokens: no underflow); logsumexp would
         # exponentiate every logit again, max with indices is 3x slower than two amax.
-        lse = logits.amax(dim=-1).float() - torch.log(probs.amax(dim=-1))
-        # (rv, tokens) float32, contiguous: a product along contiguous rows (3x faster than along
-        # the columns of (tokens, rv))
-        columns = _POOL.take(values.T.shape, torch.float32).copy_(values.T)
-        return cls(probs, lse, probs @ columns.T, columns)
+        lse = logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))
+        return cls(probs, lse, probs @ values, values.T)
 
     @staticmethod
     def release(scored: "_Scored | None") -> None:
         if scored is not None:
-            _POOL.give(scored.probs, scored.values)
+            _POOL.give(scored.probs)
