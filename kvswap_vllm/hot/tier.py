@@ -3,6 +3,7 @@ only the difference from the disk tier ("load only the difference")."""
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,12 @@ def budget_tokens_for(mib: float, token_bytes: int, num_layers: int, sequences: 
         raise KVSwapError(f"{what} of {mib} MiB holds less than one group of {group_size} tokens per layer for "
                           f"{sequences} sequence(s); need at least {per_token * group_size / (1 << 20):.2f} MiB")
     return m
+
+
+def id_tensor(ids: list[int]) -> torch.Tensor:
+    """(len(ids),) int64 on the CPU: through an array, 3x faster than torch.tensor of a list of
+    Python ints (~2.5 instead of 8 us for 100 ids; a decode step makes a few per layer)."""
+    return torch.frombuffer(array("q", ids), dtype=torch.int64) if ids else torch.empty(0, dtype=torch.int64)
 
 
 @dataclass
@@ -159,15 +166,17 @@ class HotTier:
         target = plan.free[:len(ok)]
         if ok:
             two, h, _, g, d = self.slots[layer].shape
-            rows = staged.to(self.device).view(len(ok), h, two, g * d).permute(2, 1, 0, 3)  # (2, H, n, G*D)
-            self.slots[layer].view(two, h, -1, g * d).index_copy_(2, torch.tensor(target, device=self.device), rows)
+            if self.device.type != "cpu":
+                staged = staged.to(self.device)
+            rows = staged.view(len(ok), h, two, g * d).permute(2, 1, 0, 3)  # (2, H, n, G*D)
+            self.slots[layer].view(two, h, -1, g * d).index_copy_(2, id_tensor(target).to(self.device), rows)
             table.update(zip(ok, target))
         s = self.stats
         s.selected += len(plan.ids)
         s.hits += len(plan.ids) - len(misses)
         s.bytes_read += res.bytes_read
         s.unavailable += len(unavailable)
-        slots = torch.tensor([table.get(g, -1) for g in plan.ids], dtype=torch.int64)
+        slots = id_tensor([table.get(g, -1) for g in plan.ids])
         return LoadResult(plan.ids, slots, len(plan.ids) - len(misses), len(misses), res.bytes_read, unavailable,
                           list(ok))
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from kvswap_vllm.attention.blockwise import BlockwiseSoftmax, attention_with_lse
-from kvswap_vllm.hot.tier import HotTier
+from kvswap_vllm.hot.tier import HotTier, id_tensor
 from kvswap_vllm.predict.base import (ModelShape, Predictor, RestEstimate, SelectionConfig, create_predictor,
                                       select_batch)
 from kvswap_vllm.predict.persisted import rows_from_aux, rows_to_aux
@@ -344,7 +344,7 @@ class KVSwapSequence:
         res = self.prefetch.wait(layer)
         if res.unavailable:
             raise RuntimeError(f"layer {layer}: groups {res.unavailable[:5]} are not in the disk tier")
-        self._attended[layer] = torch.tensor(res.groups, dtype=torch.int64)
+        self._attended[layer] = id_tensor(res.groups)
         return self.hot.gather(layer, res.slots, self.rest(layer) is None if ordered is None else ordered)
 
     def rest(self, layer: int) -> RestEstimate | None:
