@@ -81,7 +81,7 @@ class LayerPrefetcher:
         n = hot.store.config.num_layers
         self.stats = PrefetchStats(load_s=[0.0] * n, wait_s=[0.0] * n)
         self._pool = helper_thread_pool(1, "kvswap-prefetch")
-        self._pending: dict[int, Future[LoadResult]] = {}
+        self._pending: dict[int, Future[LoadResult] | _Done] = {}
         self._pending_groups: dict[int, torch.Tensor] = {}
         self._last: Future[LoadResult] | None = None  # the newest background load
         # Per layer, since its last wait: (source, groups read) of each finished load.
@@ -184,6 +184,20 @@ class OwnLoads:
         for (p, g, src), res in zip(self.todo, results):
             p._record(self.layer, src, res, end - self.started)
             p.stats.wait_s[self.layer] += self.blocked_s + end - t0  # what the caller waited of it
-            done: Future[LoadResult] = Future()
-            done.set_result(res)
-            p._pending[self.layer], p._pending_groups[self.layer] = done, g
+            p._pending[self.layer], p._pending_groups[self.layer] = _Done(res), g
+
+
+class _Done:
+    """A load finished in the calling thread, as the Future of a background one reads (a Future
+    costs a lock and a condition per layer and step for nothing to wait on)."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result: LoadResult) -> None:
+        self._result = result
+
+    def result(self) -> LoadResult:
+        return self._result
+
+    def exception(self) -> None:
+        return None

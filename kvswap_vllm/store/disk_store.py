@@ -622,7 +622,8 @@ class DiskStore:
                             self._deliver(ext, d, memoryview(buf)[pos + offset - start:][:length])
                 finally:
                     self._give_scratch(buf)
-                _add_bytes(again, self._read_lane(again))
+                if again:
+                    _add_bytes(again, self._read_lane(again))
 
         return finish
 
