@@ -564,6 +564,23 @@ def test_int8_keys_are_multiplied_as_int8_without_a_converted_copy(monkeypatch) 
     assert calls == [(torch.int8, torch.int8)]
 
 
+@pytest.mark.parametrize("name", ["kvswap", "kvswap-paper"])
+def test_int8_keys_score_the_same_without_int8_products(name: str, monkeypatch) -> None:
+    """Where torch cannot multiply int8 matrices (INT8_PRODUCTS False), 8-bit keys are converted
+    and multiplied in SCORE_DTYPE: the same scores to that dtype's rounding."""
+    from kvswap_vllm.predict import lowrank
+
+    p = create_predictor(name, SHAPE, SEL, random_adapter(16))
+    k = keys(40)
+    p.append_groups(0, k, values(k))
+    q = torch.randn(SHAPE.num_q_heads, SHAPE.head_dim)
+    direct = p.score(0, q)
+    monkeypatch.setattr(lowrank, "INT8_PRODUCTS", False)
+    converted = p.score(0, q)
+    tol = 2e-2 if lowrank.SCORE_DTYPE == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(converted, direct, rtol=tol, atol=tol * float(direct.abs().max()))
+
+
 def test_int8_keys_of_a_zero_row_score_zero_not_nan() -> None:
     p = create_predictor("kvswap-paper", SHAPE, SelectionConfig(32, 4, key_bits=8), random_adapter(16))
     p.append_groups(0, torch.zeros(10, 4, SHAPE.num_kv_heads, SHAPE.head_dim))

@@ -166,9 +166,7 @@ class HotTier:
         target = plan.free[:len(ok)]
         if ok:
             two, h, _, g, d = self.slots[layer].shape
-            if self.device.type != "cpu":
-                staged = staged.to(self.device)
-            rows = staged.view(len(ok), h, two, g * d).permute(2, 1, 0, 3)  # (2, H, n, G*D)
+            rows = staged.to(self.device).view(len(ok), h, two, g * d).permute(2, 1, 0, 3)  # (2, H, n, G*D)
             self.slots[layer].view(two, h, -1, g * d).index_copy_(2, id_tensor(target).to(self.device), rows)
             table.update(zip(ok, target))
         s = self.stats

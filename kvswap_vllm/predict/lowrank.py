@@ -178,6 +178,11 @@ class _LowRank(Predictor):
         self._lr[layer].append(torch.round(x / scale.unsqueeze(1)).to(torch.int8))
         self._lr_scale[layer].append(scale)
 
+    @property
+    def _int8_products(self) -> bool:
+        """Whether `_logits` multiplies the keys as int8 (8-bit keys, torch can, no overflow)."""
+        return bool(self._lr_scale) and INT8_PRODUCTS and self.adapter.rank <= MAX_INT8_RANK
+
     def _logits(self, layer: int, q_lr: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor] | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
         """(m, tokens) float32 products of low-rank queries q_lr (m, r) float32 with the layer's
@@ -187,7 +192,7 @@ class _LowRank(Predictor):
         rows = self._rows(layer)
         m, tokens = q_lr.shape[0], rows.shape[0]
         out = torch.empty(m, tokens) if out is None else out
-        if rows.dtype == torch.int8 and INT8_PRODUCTS and rows.shape[1] <= MAX_INT8_RANK:
+        if self._int8_products:
             q8, s = split_int8(q_lr) if split is None else split
             prod = torch._int_mm(q8, rows.T, out=_POOL.take((2 * m, tokens), torch.int32))
             # the two parts joined in int32, then converted once, in place (no temporaries)
@@ -358,7 +363,7 @@ class HeadwiseLowRank(JointLowRank):
         scores = torch.full((len(predictors), max(p.num_groups(layer) for p in predictors)), float("-inf"))
         # Keys scored per sequence: padding the batch to one tensor costs more memory traffic than
         # the matmul saves (b8 x 7k tokens: 11 -> 7 ms per selection).
-        split = split_int8(q_lr) if INT8_PRODUCTS and first._lr_scale else None  # once for the batch
+        split = split_int8(q_lr) if first._int8_products else None  # once for the batch
         for i, p in enumerate(predictors):
             tokens = p.num_groups(layer) * g
             # (q_heads, tokens): the softmax runs along contiguous rows (3x faster than along
