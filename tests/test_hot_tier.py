@@ -48,6 +48,26 @@ def test_loads_read_only_misses_and_gathers_hand_out_the_selection(tmp_path: Pat
         assert torch.equal(k, _kv(groups, [0, 2, 3])[0])
 
 
+def test_a_load_result_is_gathered_as_its_slots_and_keeps_them_after_later_loads(tmp_path: Path) -> None:
+    groups = torch.randn(12, 3, 2, 4, 64)
+    with _store(tmp_path) as store:
+        store.open_sequence("s")
+        store.write_groups("s", 1, 0, groups)
+        hot = HotTier(store, "s", slots_per_layer=4)
+        hot.load(1, torch.tensor([0, 1, 2, 3]))
+        res = hot.load(1, torch.tensor([3, 5, 1]))  # fewer than the slots: gathered in this order
+        for ordered in (True, False):
+            k, v = hot.gather(1, res, ordered=ordered)
+            assert all(torch.equal(a, b) for a, b in zip((k, v), _kv(groups, [3, 5, 1])))
+        full = hot.load(1, torch.tensor([1, 3, 5, 7]))
+        k, v = hot.gather(1, full, ordered=False)  # every slot selected: the storage as it lies
+        assert k.data_ptr() == hot.slots[1, 0].data_ptr()
+        k, v = hot.gather(1, full)
+        assert all(torch.equal(a, b) for a, b in zip((k, v), _kv(groups, [1, 3, 5, 7])))
+        hot.load(1, torch.tensor([8, 9, 10, 11]))  # evicts every group of `res`
+        assert res.slots.tolist() == [3, 0, 1]  # as its load left them (5 took the slot of 0)
+
+
 def test_several_sequences_load_in_one_store_call(tmp_path: Path) -> None:
     a, b = torch.randn(10, 3, 2, 4, 64), torch.randn(10, 3, 2, 4, 64)
     with _store(tmp_path) as store:

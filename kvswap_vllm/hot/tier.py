@@ -4,7 +4,8 @@ only the difference from the disk tier ("load only the difference")."""
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -38,9 +39,8 @@ def id_tensor(ids: list[int]) -> torch.Tensor:
 class LoadResult:
     """What one layer's load did."""
 
-    # The selected group ids, and the slot of each, in the order of the selection.
+    # The selected group ids, in the order of the selection.
     groups: list[int]
-    slots: torch.Tensor
     hits: int
     misses: int
     bytes_read: int
@@ -48,6 +48,14 @@ class LoadResult:
     unavailable: list[int]
     # Groups this load read from the disk tier.
     read: list[int]
+    # The layer's group -> slot table as the load left it (a copy: later loads change the table).
+    slot_of: dict[int, int] = field(repr=False)
+
+    @cached_property
+    def slots(self) -> torch.Tensor:
+        """The slot of each selected group (-1: not resident), in the order of the selection;
+        built when first asked: attention over a selection that fills every slot needs none."""
+        return id_tensor([self.slot_of.get(g, -1) for g in self.groups])
 
 
 @dataclass
@@ -174,19 +182,23 @@ class HotTier:
         s.hits += len(plan.ids) - len(misses)
         s.bytes_read += res.bytes_read
         s.unavailable += len(unavailable)
-        slots = id_tensor([table.get(g, -1) for g in plan.ids])
-        return LoadResult(plan.ids, slots, len(plan.ids) - len(misses), len(misses), res.bytes_read, unavailable,
-                          list(ok))
+        return LoadResult(plan.ids, len(plan.ids) - len(misses), len(misses), res.bytes_read, unavailable, list(ok),
+                          dict(table))
 
-    def gather(self, layer: int, slots: torch.Tensor, ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the given slots: each (num_kv_heads, len(slots) * group_size, head_dim), in
-        their order; `ordered=False`: in any order (attention does not depend on it), which
-        for a selection that fills every slot is the layer's slot storage itself, without a copy
-        (0.13 ms per layer and step at M = 400 on SmolLM2)."""
+    def gather(self, layer: int, slots: torch.Tensor | LoadResult,
+               ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given slots (or those of a load's selection): each (num_kv_heads,
+        len(slots) * group_size, head_dim), in their order; `ordered=False`: in any order
+        (attention does not depend on it), which for a selection that fills every slot is the
+        layer's slot storage itself, without a copy (0.13 ms per layer and step at M = 400 on
+        SmolLM2) and without the slot ids."""
         layer_slots = self.slots[layer]  # (2, H, slots, G, D)
         _, h, n, gs, d = layer_slots.shape
-        if not ordered and len(slots) == n:  # a selection fills the slots once: every slot is in it
+        count = len(slots.groups) if isinstance(slots, LoadResult) else len(slots)
+        if not ordered and count == n:  # a selection fills the slots once: every slot is in it
             return layer_slots[0].view(h, n * gs, d), layer_slots[1].view(h, n * gs, d)
+        if isinstance(slots, LoadResult):
+            slots = slots.slots
         g = layer_slots.index_select(2, slots.to(self.device))  # (2, H, n, G, D), contiguous
         return g[0].view(h, len(slots) * gs, d), g[1].view(h, len(slots) * gs, d)
 

@@ -345,7 +345,7 @@ class KVSwapSequence:
         if res.unavailable:
             raise RuntimeError(f"layer {layer}: groups {res.unavailable[:5]} are not in the disk tier")
         self._attended[layer] = id_tensor(res.groups)
-        return self.hot.gather(layer, res.slots, self.rest(layer) is None if ordered is None else ordered)
+        return self.hot.gather(layer, res, self.rest(layer) is None if ordered is None else ordered)
 
     def rest(self, layer: int) -> RestEstimate | None:
         """The predictor's estimate of the attention to the full groups `layer` did not attend to

@@ -189,4 +189,5 @@ class AsyncReads:
             self._batches.clear()
 
     def __del__(self) -> None:
-        self.close()
+        if _LIBC is not None:  # None at interpreter exit, where the kernel frees the context itself
+            self.close()

@@ -517,8 +517,9 @@ class DiskStore:
             s.read_requests += len(dsts)
             s.extents_read += len(jobs)
             s.bytes_read += sum(d.nbytes for d in dsts)
-            s.groups_read += sum(int(d.found.sum()) for d in dsts)
-            s.groups_missing += sum(int((~d.found).sum()) for d in dsts)
+            found = sum(int(np.count_nonzero(d.found)) for d in dsts)
+            s.groups_read += found
+            s.groups_missing += sum(len(d.found) for d in dsts) - found
             s.read_wait_s += pending.waited_s
 
     def _destination(self, r: ReadRequest) -> torch.Tensor:
