@@ -112,6 +112,12 @@ def test_row_buffer_appends_grow_and_refuse_other_rows(columns: bool) -> None:
             buf.reserve(15)  # a reserve after appends moves what is there
     assert len(buf) == 20 and torch.equal(buf.view(), rows)
     assert (buf.view().stride(0) == 1) == columns  # each column contiguous when kept as columns
+    if columns:
+        assert torch.equal(buf.columns(), rows.T) and torch.equal(buf.columns(7), rows[:7].T)
+        assert buf.columns().stride(1) == 1
+    else:
+        with pytest.raises(ValueError, match="columns of a buffer kept as rows"):
+            buf.columns()
     assert buf.nbytes < 20 * 2 * 4 * RowBuffer.GROWTH + 3 * 2 * 4  # spare room bounded by the growth factor
     with pytest.raises(ValueError, match="do not match"):
         buf.append(torch.zeros(1, 3))

@@ -231,7 +231,8 @@ def select_batch(predictors: list[Predictor], layer: int, queries: torch.Tensor,
         else:
             by_class.setdefault(type(p), []).append(i)
     for cls, rows in by_class.items():
-        scores = cls.score_batch([predictors[i] for i in rows], layer, queries[rows], rest)
+        batch = queries if len(rows) == len(predictors) else queries[rows]
+        scores = cls.score_batch([predictors[i] for i in rows], layer, batch, rest)
         selection = predictors[rows[0]].selection
         kept = [None if previous is None else previous[i] for i in rows]
         picked = top_groups(scores, selection.budget_groups, kept, selection.keep_places)
@@ -252,7 +253,8 @@ def top_groups(scores: torch.Tensor, k: int, previous: list[torch.Tensor | None]
     rows, n = scores.shape
     best = torch.topk(scores, min(n, k + places), dim=1, sorted=True).indices
     favoured = torch.zeros(rows * n, dtype=torch.bool)
-    favoured[torch.cat([p + row * n for row, p in enumerate(previous) if p is not None and len(p)])] = True
+    ids = [p + row * n if row else p for row, p in enumerate(previous) if p is not None and len(p)]
+    favoured[ids[0] if len(ids) == 1 else torch.cat(ids)] = True
     rank = torch.arange(best.shape[1], dtype=torch.float32) - favoured.view(rows, n).gather(1, best) * (places + 0.5)
     pick = torch.topk(rank, k, dim=1, largest=False, sorted=False).indices
     return best.gather(1, pick).sort(dim=1).values
@@ -316,6 +318,13 @@ class RowBuffer:
         if self._data is None:
             raise ValueError("no rows were appended")
         return self._room[:self._rows]
+
+    def columns(self, rows: int | None = None) -> torch.Tensor:
+        """A buffer kept as columns: its first `rows` rows (default: all appended) as (cols, rows),
+        each column contiguous (a view: valid until the next append)."""
+        if not self._columns or self._data is None:
+            raise ValueError("columns of a buffer kept as rows, or of no rows")
+        return self._data[:, :self._rows if rows is None else min(rows, self._rows)]
 
     @property
     def _room(self) -> torch.Tensor:

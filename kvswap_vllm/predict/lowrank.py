@@ -140,7 +140,8 @@ def split_int8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = s * (254 * q8[:m] + q8[m:]) to within s / 2 = max|row| / 64516 per number (finer than
     bfloat16's rounding of each): each row on 8 bits at s * 254 = max|row| / 127, then its
     rounding error on 8 more, so one int8 product of the 2m rows with int8 keys gives both."""
-    scale = q.abs().amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
+    scale = torch.linalg.vector_norm(q, float("inf"), dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+    scale.div_(127)
     x = q / scale
     hi = x.round()
     lo = x.sub_(hi).mul_(254).round_()  # |x - hi| <= 1/2: |lo| <= 127
@@ -273,6 +274,10 @@ class HeadwiseLowRank(JointLowRank):
         # (tokens, rv) float32, kept as columns: the rest estimate multiplies the probabilities by
         # each column, as they are (a float32 copy per selection cost 49 us at 7k tokens, cold)
         self._lv = [RowBuffer(columns=True) for _ in range(self.shape.num_layers)] if self.value_rank else []
+        # Per layer, (H, rv, d): each KV head's value basis, transposed (views of the adapter's).
+        s = self.shape
+        self._value_out = [v[:, :self.value_rank].view(s.num_kv_heads, s.head_dim, -1).transpose(1, 2)
+                           for v in self.adapter.value] if self.value_rank else []
         # From score_batch to note_selection, per layer: what the rest estimate needs of the
         # scoring; from note_selection to prepare_rest, with the selection.
         self._scored: dict[int, _Scored] = {}
@@ -336,20 +341,19 @@ class HeadwiseLowRank(JointLowRank):
         its log-sum-exp and its output over their low-rank values (mapped back per KV head), i.e.
         the whole distribution's (from the scoring) minus the selection's, which takes M tokens."""
         s, g, probs = self.shape, self.selection.group_size, scored.probs
-        n = probs.shape[1] // g  # groups flushed since the selection are not part of its rest
+        n = probs.shape[1] // g  # the groups scored (those flushed since are not part of its rest)
         # The selected groups' probabilities and values, gathered by group (M/G ids, not M token
         # positions: 3x cheaper), in the selection's token order. The values are a strided view
         # of the predictor's columns, which index_select would first copy whole (82 us per layer
         # at 7k tokens, measured in a decode step); indexing reads only the selected groups.
-        picked = probs[:, :n * g].unflatten(1, (n, g)).index_select(1, groups).flatten(1)  # (q_heads, M)
-        chosen = scored.values[:, :n * g].unflatten(1, (n, g))[:, groups].flatten(1)  # (rv, M)
+        picked = probs.view(-1, n, g).index_select(1, groups).flatten(1)  # (q_heads, M)
+        chosen = scored.values.view(-1, n, g)[:, groups].flatten(1)  # (rv, M)
         mass = 1 - picked.sum(dim=-1)
-        left = mass > MIN_REST_MASS
+        left, kept = mass > MIN_REST_MASS, mass.clamp_min(MIN_REST_MASS)
         # (q_heads, rv): the rest's output, normalised; zero where nothing is left
-        out_lr = (scored.out_lr - picked @ chosen.T).mul_((left / mass.clamp_min(MIN_REST_MASS)).unsqueeze(-1))
-        basis = self.adapter.value[layer][:, :self.value_rank].view(s.num_kv_heads, s.head_dim, -1)
-        out = torch.bmm(out_lr.view(s.num_kv_heads, s.gqa, -1), basis.transpose(1, 2)).reshape(s.num_q_heads, -1)
-        rest_lse = (scored.lse + torch.log(mass.clamp_min(MIN_REST_MASS))).masked_fill_(~left, float("-inf"))
+        out_lr = (scored.out_lr - picked @ chosen.T).mul_((left / kept).unsqueeze(-1))
+        out = torch.bmm(out_lr.view(s.num_kv_heads, s.gqa, -1), self._value_out[layer]).view(s.num_q_heads, -1)
+        rest_lse = (scored.lse + torch.log(kept)).masked_fill_(~left, float("-inf"))
         return RestEstimate(groups, out, rest_lse)
 
     @classmethod
@@ -376,10 +380,9 @@ class HeadwiseLowRank(JointLowRank):
                                                    out=_POOL.take(logits.shape, torch.float32))
             _Scored.release(p._scored.pop(layer, None))
             if p.value_rank and rest:  # kept for the rest of the selection (note_selection)
-                p._scored[layer] = _Scored.of(logits, probs, p._lv[layer].view()[:tokens])
-            mass = probs.sum(dim=0)
+                p._scored[layer] = _Scored.of(logits, probs, p._lv[layer].columns(tokens))
             n = tokens // g
-            scores[i, :n] = mass[:n * g].view(n, g).sum(dim=1)
+            torch.sum(probs.sum(dim=0).view(n, g), dim=1, out=scores[i, :n])
             _POOL.give(logits)
             if layer not in p._scored:
                 _POOL.give(probs)
@@ -403,13 +406,13 @@ class _Scored:
 
     @classmethod
     def of(cls, logits: torch.Tensor, probs: torch.Tensor, values: torch.Tensor) -> "_Scored":
-        """`values`: (tokens, rv) float32, a transposed view of columns (RowBuffer(columns=True)):
-        the product runs along their contiguous rows (3x faster than along columns of (tokens, rv))."""
+        """`values`: (rv, tokens) float32, a view of columns (RowBuffer(columns=True).columns): the
+        product runs along their contiguous rows (3x faster than along columns of (tokens, rv))."""
         # The log-sum-exp read off the softmax at each head's largest logit, lse = logit - log p
         # there, where p is the largest probability (>= 1/tokens: no underflow); logsumexp would
         # exponentiate every logit again, max with indices is 3x slower than two amax.
         lse = logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))
-        return cls(probs, lse, probs @ values, values.T)
+        return cls(probs, lse, probs @ values.T, values)
 
     @staticmethod
     def release(scored: "_Scored | None") -> None:
