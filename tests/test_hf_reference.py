@@ -85,3 +85,22 @@ def test_batch_of_two_is_refused() -> None:
     ref.start_sequence()
     with pytest.raises(ValueError, match="one sequence at a time"):
         model(input_ids=PROMPT.repeat(2, 1))
+
+
+def test_layer_query_is_the_query_attention_computes() -> None:
+    """The selection's query (RoPE as one product with a per-step rotation matrix) matches what
+    HF's attention rotates, at several positions; the matrix is rebuilt for a new position."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvswap_vllm.runtime.hf_kvswap import layer_query
+
+    model = tiny_llama()
+    attn, d = model.model.layers[1].self_attn, model.config.head_dim
+    hidden = torch.randn(1, 1, model.config.hidden_size)
+    for pos in (0, 7, 300):
+        cos, sin = model.model.rotary_emb(hidden, torch.tensor([[pos]]))
+        q = attn.q_proj(hidden).view(1, 1, -1, d).transpose(1, 2)  # (1, Hq, 1, d)
+        want, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        got = layer_query(attn, hidden, cos, sin, d)
+        assert got.shape == (model.config.num_attention_heads, d)
+        torch.testing.assert_close(got, want[0, :, -1], rtol=1e-6, atol=1e-6)
