@@ -645,3 +645,35 @@ def test_rest_estimates_are_the_same_with_reused_buffers() -> None:
             assert torch.equal(fresh.select(0, q[i]), ids[i])
             ref = fresh.rest(0, ids[i])
             assert torch.equal(got[i].out, ref.out) and torch.equal(got[i].lse, ref.lse)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kvswap_selects_and_estimates_the_rest_alike_with_and_without_the_c_kernels(batch: int, monkeypatch) -> None:
+    """predict/native replaces torch's scoring and rest arithmetic where it builds; the torch path
+    stays for machines without a compiler. Both give the same selections, and estimates within
+    float32 rounding, over several steps of a batch."""
+    from kvswap_vllm.predict import native
+
+    assert native.available()  # the C path, built on this machine (test_native checks the build)
+    adapter = with_value_bases(random_adapter())
+    g = torch.Generator().manual_seed(11)
+    kv = [torch.randn(2, 30 + 7 * i, 4, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g) for i in range(batch)]
+    queries = torch.randn(4, batch, SHAPE.num_q_heads, SHAPE.head_dim, generator=g) * 3
+
+    def run() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        seqs = [create_predictor("kvswap", SHAPE, SEL, adapter) for _ in range(batch)]
+        for p, (k, v) in zip(seqs, kv):
+            p.append_groups(0, k, v)
+        out, previous = [], [None] * batch
+        for q in queries:
+            previous = select_batch(seqs, 0, q, previous)
+            out += [(ids, *(lambda r: (r.out, r.lse))(p.rest(0, ids))) for p, ids in zip(seqs, previous)]
+        return out
+
+    with_c = run()
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", True)
+    assert not native.available()
+    for (ids_c, out_c, lse_c), (ids_t, out_t, lse_t) in zip(with_c, run()):
+        assert torch.equal(ids_c, ids_t)
+        assert torch.allclose(out_c, out_t, rtol=1e-4, atol=1e-5) and torch.allclose(lse_c, lse_t, atol=1e-5)

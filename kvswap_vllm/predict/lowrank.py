@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from kvswap_vllm.errors import KVSwapError
+from kvswap_vllm.predict import native
 from kvswap_vllm.predict.base import Predictor, RestEstimate, RowBuffer
 
 log = logging.getLogger("kvswap")
@@ -59,6 +60,14 @@ def _scratch(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
         buf = bufs[dtype] = torch.empty(max(rows, int(1.5 * (0 if buf is None else buf.shape[0]))), cols, dtype=dtype)
     return buf[:rows]
+
+
+def _native_scratch(numel: int) -> torch.Tensor:
+    """Per thread, float32 scratch for the C kernels (token masses, the rest's gathered rows)."""
+    buf = _SCRATCH.__dict__.get("native")
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH.native = torch.empty(max(numel, int(1.5 * (0 if buf is None else buf.numel()))))
+    return buf[:numel]
 
 
 class _BufferPool:
@@ -337,6 +346,18 @@ class HeadwiseLowRank(JointLowRank):
         its log-sum-exp and its output over their low-rank values (mapped back per KV head), i.e.
         the whole distribution's (from the scoring) minus the selection's, which takes M tokens."""
         s, g, probs = self.shape, self.selection.group_size, scored.probs
+        if native.available():
+            out_lr, rest_lse = torch.empty(s.num_q_heads, self.value_rank), torch.empty(s.num_q_heads)
+            native.rest(probs, scored.values, g, groups, scored.out_lr, scored.lse, MIN_REST_MASS, out_lr, rest_lse,
+                        _native_scratch((s.num_q_heads + self.value_rank) * groups.numel() * g))
+        else:
+            out_lr, rest_lse = self._rest_in_torch(groups, scored)
+        out = torch.bmm(out_lr.view(s.num_kv_heads, s.gqa, -1), self._value_out[layer]).view(s.num_q_heads, -1)
+        return RestEstimate(groups, out, rest_lse)
+
+    def _rest_in_torch(self, groups: torch.Tensor, scored: "_Scored") -> tuple[torch.Tensor, torch.Tensor]:
+        """What native.rest computes, where it cannot be built: (q_heads, rv) and (q_heads,)."""
+        g, probs = self.selection.group_size, scored.probs
         n = probs.shape[1] // g  # the groups scored (those flushed since are not part of its rest)
         # The selected groups' probabilities and values, gathered by group (M/G ids, not M token
         # positions: 3x cheaper), in the selection's token order. The values are a strided view
@@ -348,9 +369,34 @@ class HeadwiseLowRank(JointLowRank):
         left, kept = mass > MIN_REST_MASS, mass.clamp_min(MIN_REST_MASS)
         # (q_heads, rv): the rest's output, normalised; zero where nothing is left
         out_lr = (scored.out_lr - picked @ chosen.T).mul_((left / kept).unsqueeze(-1))
-        out = torch.bmm(out_lr.view(s.num_kv_heads, s.gqa, -1), self._value_out[layer]).view(s.num_q_heads, -1)
-        rest_lse = (scored.lse + torch.log(kept)).masked_fill_(~left, float("-inf"))
-        return RestEstimate(groups, out, rest_lse)
+        return out_lr, (scored.lse + torch.log(kept)).masked_fill_(~left, float("-inf"))
+
+    def _distribution(self, layer: int, q_lr: torch.Tensor, q8: tuple[torch.Tensor, torch.Tensor] | None,
+                      group_mass: torch.Tensor, lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per head, the estimated attention distribution over the layer's tokens, (q_heads,
+        tokens) float32 from the pool, and (with `lse`) the log-sum-exp of its logits; writes each
+        group's mass summed over heads into `group_mass`. The softmax runs along contiguous rows
+        (3x faster than along columns), in float32 whatever the keys' dtype."""
+        s, g = self.shape, self.selection.group_size
+        tokens = group_mass.numel() * g
+        probs = _POOL.take((s.num_q_heads, tokens), torch.float32)
+        if self._int8_products and native.available():
+            q8, qscale = quantize_int8(q_lr) if q8 is None else q8
+            prod = torch._int_mm(q8, self._rows(layer).T, out=_POOL.take((s.num_q_heads, tokens), torch.int32))
+            out_lse = torch.empty(s.num_q_heads)
+            native.softmax_groups(prod, qscale.view(-1), self._lr_scale[layer].view(), g, probs, out_lse, group_mass,
+                                  _native_scratch(tokens))
+            _POOL.give(prod)
+            return probs, out_lse
+        logits = self._logits(layer, q_lr, q8, out=_POOL.take((s.num_q_heads, tokens), torch.float32))
+        torch.ops.aten.softmax.int_out(logits, -1, torch.float32, out=probs)
+        # The log-sum-exp read off the softmax at each head's largest logit, lse = logit - log p
+        # there, where p is the largest probability (>= 1/tokens: no underflow); logsumexp would
+        # exponentiate every logit again, max with indices is 3x slower than two amax.
+        out_lse = logits.amax(dim=-1) - torch.log(probs.amax(dim=-1)) if lse else None
+        torch.sum(probs.sum(dim=0).view(-1, g), dim=1, out=group_mass)
+        _POOL.give(logits)
+        return probs, out_lse
 
     @classmethod
     def score_batch(cls, predictors: list["HeadwiseLowRank"], layer: int, queries: torch.Tensor,
@@ -367,20 +413,15 @@ class HeadwiseLowRank(JointLowRank):
         # the matmul saves (b8 x 7k tokens: 11 -> 7 ms per selection).
         q8 = quantize_int8(q_lr) if first._int8_products else None  # once for the batch
         for i, p in enumerate(predictors):
-            tokens = p.num_groups(layer) * g
-            # (q_heads, tokens): the softmax runs along contiguous rows (3x faster than along
-            # columns), in float32 whatever the keys' dtype
-            logits = p._logits(layer, q_lr[i], None if q8 is None else (q8[0][i], q8[1][i]),
-                               out=_POOL.take((s.num_q_heads, tokens), torch.float32))
-            probs = torch.ops.aten.softmax.int_out(logits, -1, torch.float32,
-                                                   out=_POOL.take(logits.shape, torch.float32))
+            n = p.num_groups(layer)
+            keep = bool(p.value_rank and rest)  # kept for the rest of the selection (note_selection)
+            probs, lse = p._distribution(layer, q_lr[i], None if q8 is None else (q8[0][i], q8[1][i]), scores[i, :n],
+                                         keep)
             _Scored.release(p._scored.pop(layer, None))
-            if p.value_rank and rest:  # kept for the rest of the selection (note_selection)
-                p._scored[layer] = _Scored.of(logits, probs, p._lv[layer].columns(tokens))
-            n = tokens // g
-            torch.sum(probs.sum(dim=0).view(n, g), dim=1, out=scores[i, :n])
-            _POOL.give(logits)
-            if layer not in p._scored:
+            if keep:
+                values = p._lv[layer].columns(n * g)
+                p._scored[layer] = _Scored(probs, lse, probs @ values.T, values)
+            else:
                 _POOL.give(probs)
         return scores
 
@@ -397,18 +438,10 @@ class _Scored:
     lse: torch.Tensor
     # (q_heads, rv) float32: the whole distribution applied to the low-rank values.
     out_lr: torch.Tensor
-    # (rv, tokens) float32: those values (a view of the predictor's columns).
+    # (rv, tokens) float32: those values, a view of the predictor's columns
+    # (RowBuffer(columns=True)): the product runs along their contiguous rows (3x faster than
+    # along the columns of (tokens, rv)).
     values: torch.Tensor
-
-    @classmethod
-    def of(cls, logits: torch.Tensor, probs: torch.Tensor, values: torch.Tensor) -> "_Scored":
-        """`values`: (rv, tokens) float32, a view of columns (RowBuffer(columns=True).columns): the
-        product runs along their contiguous rows (3x faster than along columns of (tokens, rv))."""
-        # The log-sum-exp read off the softmax at each head's largest logit, lse = logit - log p
-        # there, where p is the largest probability (>= 1/tokens: no underflow); logsumexp would
-        # exponentiate every logit again, max with indices is 3x slower than two amax.
-        lse = logits.amax(dim=-1) - torch.log(probs.amax(dim=-1))
-        return cls(probs, lse, probs @ values.T, values)
 
     @staticmethod
     def release(scored: "_Scored | None") -> None:
