@@ -118,3 +118,37 @@ def test_rest_kernel_refuses_what_would_read_outside_its_arrays(bad: str) -> Non
     with pytest.raises(ValueError):
         native.rest(probs, values, g, ids, torch.zeros(heads, rv), torch.zeros(heads), MIN_REST_MASS,
                     torch.empty(heads, rv), torch.empty(heads), scratch)
+
+
+@pytest.mark.parametrize("places", [0, 3, 25])
+@pytest.mark.parametrize("with_previous", [True, False])
+def test_top_groups_kernel_ranks_as_the_torch_selection(places: int, with_previous: bool) -> None:
+    from kvswap_vllm.predict.base import top_groups
+
+    gen = torch.Generator().manual_seed(places)
+    counts, k = [1750, 400, 101, 1000], 100
+    scores = torch.full((len(counts), max(counts)), float("-inf"))
+    previous = []
+    for row, n in enumerate(counts):
+        scores[row, :n] = torch.rand(n, generator=gen)
+        ids = torch.randperm(n, generator=gen)[:k].sort().values
+        previous.append(ids if with_previous and row != 1 else None)  # a row without a previous selection
+    got = native.top_groups(scores, counts, k, previous, places)
+    assert torch.equal(got, top_groups(scores, k, previous, places))
+    assert got.dtype == torch.int64 and (got.diff(dim=1) > 0).all()
+
+
+def test_top_groups_kernel_favours_previous_ids_in_any_order_and_ignores_those_past_the_row() -> None:
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert native.top_groups(scores, [6], 2, [None], 2).tolist() == [[0, 1]]
+    # 3 and 2 rank 3.5 places higher: 2 -> -1.5, 3 -> -0.5, ahead of 0 (rank 0)
+    assert native.top_groups(scores, [6], 2, [torch.tensor([3, 2, 9])], 3).tolist() == [[2, 3]]
+    assert native.top_groups(scores, [6], 2, [torch.tensor([3, 2])], 2).tolist() == [[0, 2]]  # 3 -> 0.5
+    assert native.top_groups(scores, [6], 2, [torch.tensor([4])], 2).tolist() == [[0, 1]]  # 4 is out of reach
+
+
+def test_top_groups_kernel_refuses_rows_shorter_than_the_selection() -> None:
+    with pytest.raises(ValueError):
+        native.top_groups(torch.rand(2, 10), [10, 3], 4, [None, None], 1)
+    with pytest.raises(ValueError):
+        native.top_groups(torch.rand(1, 10), [11], 4, [None], 1)

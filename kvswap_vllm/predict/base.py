@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from kvswap_vllm.errors import KVSwapError
-from kvswap_vllm.predict import PREDICTORS
+from kvswap_vllm.predict import PREDICTORS, native
 
 
 def _is_int(value: object) -> bool:
@@ -235,17 +235,22 @@ def select_batch(predictors: list[Predictor], layer: int, queries: torch.Tensor,
         scores = cls.score_batch([predictors[i] for i in rows], layer, batch, rest)
         selection = predictors[rows[0]].selection
         kept = [None if previous is None else previous[i] for i in rows]
-        picked = top_groups(scores, selection.budget_groups, kept, selection.keep_places)
+        picked = top_groups(scores, selection.budget_groups, kept, selection.keep_places,
+                            [predictors[i].num_groups(layer) for i in rows])
         for i, ids in zip(rows, picked):
             out[i] = ids
             predictors[i].note_selection(layer, ids)
     return out  # type: ignore[return-value]
 
 
-def top_groups(scores: torch.Tensor, k: int, previous: list[torch.Tensor | None], places: int) -> torch.Tensor:
+def top_groups(scores: torch.Tensor, k: int, previous: list[torch.Tensor | None], places: int,
+               counts: list[int] | None = None) -> torch.Tensor:
     """(rows, k) ids, ascending, of the k best groups of each row of `scores` (rows, groups),
     the groups of `previous[row]` ranked `places` places higher than they score (ties go to
-    them). Rank, not score, so every predictor's scale works the same."""
+    them). Rank, not score, so every predictor's scale works the same. `counts[row]`: the
+    row's groups (the rest of it is padding); given, the C kernel ranks them in one call."""
+    if counts is not None and native.available() and scores.dtype == torch.float32:
+        return native.top_groups(scores.contiguous(), counts, k, previous, places)
     if places == 0 or all(p is None or not len(p) for p in previous):
         return torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
     # Only the k + places best can make it (anything below ranks >= k even when favoured), so

@@ -44,8 +44,11 @@ _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "kvswap_softmax_groups": (_I, _I, _I) + (_P,) * 7,
     "kvswap_rest": (_I, _I, _I, _I, _P, _P, _I64, _P, _I, _P, _P, _F, _P, _P, _P),
+    "kvswap_top_groups": (_I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P),
 }
+_RETURNS_STATUS = ("kvswap_rest", "kvswap_top_groups")
 _lock = threading.Lock()
+_local = threading.local()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -99,7 +102,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, _I if name == "kvswap_rest" else None
+        fn.argtypes, fn.restype = args, _I if name in _RETURNS_STATUS else None
     return lib
 
 
@@ -160,3 +163,35 @@ def rest(probs: torch.Tensor, values: torch.Tensor, group_size: int, groups: tor
                           groups.data_ptr(), groups.numel(), out_all.data_ptr(), lse.data_ptr(), min_mass,
                           scratch.data_ptr(), out.data_ptr(), rest_lse.data_ptr()):
         raise ValueError(f"rest: group ids outside the {tokens // group_size} groups scored")
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per thread, a reused buffer of at least `numel` elements."""
+    buf = _local.__dict__.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 2 * (0 if buf is None else buf.numel())), dtype=dtype)
+        setattr(_local, name, buf)
+    return buf
+
+
+def top_groups(scores: torch.Tensor, counts: list[int], k: int, previous: list[torch.Tensor | None],
+               places: int) -> torch.Tensor:
+    """predict.base.top_groups in one call: (rows, k) int64 ids, ascending, of the k best groups
+    of each row of `scores` (rows, groups) float32, of which the first counts[row] (>= k) are
+    that row's groups; those of `previous[row]` (int64 ids) rank `places` places higher. Ties go
+    to the lower id."""
+    rows, n = scores.shape
+    _check(scores)
+    if scores.dtype != torch.float32 or len(counts) != rows or len(previous) != rows:
+        raise ValueError("top_groups: shapes or dtypes do not match")
+    prev = [None if p is None or not p.numel() else p.to(torch.int64).contiguous() for p in previous]
+    out = torch.empty(rows, k, dtype=torch.int64)
+    status = library().kvswap_top_groups(
+        rows, n, scores.data_ptr(), (_I64 * rows)(*counts), k, places,
+        (_P * rows)(*[None if p is None else p.data_ptr() for p in prev]),
+        (_I64 * rows)(*[0 if p is None else p.numel() for p in prev]), out.data_ptr(),
+        _scratch("cand", n, torch.int64).data_ptr(), _scratch("key", k + places, torch.float64).data_ptr(),
+        _scratch("flag", n, torch.uint8).data_ptr())
+    if status:
+        raise ValueError(f"top_groups: a row has fewer than {k} groups or more than its {n} columns")
+    return out

@@ -107,3 +107,73 @@ int kvswap_rest(int heads, int tokens, int g, int rv, const float *probs, const 
     }
     return 0;
 }
+
+/* Whether group a ranks before group b on score s: higher score, ties to the lower id. */
+static inline int better(const float *s, int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); }
+
+/* Reorder ids[0..len) so that ids[0..c) are the c best (any order), by quickselect. */
+static void best_first(const float *s, int64_t *ids, int len, int c) {
+    int lo = 0, hi = len - 1;
+    while (lo < hi) {
+        const int64_t pivot = ids[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (better(s, ids[i], pivot)) i++;
+            while (better(s, pivot, ids[j])) j--;
+            if (i <= j) { const int64_t t = ids[i]; ids[i] = ids[j]; ids[j] = t; i++; j--; }
+        }
+        if (c - 1 <= j) hi = j;
+        else if (c - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+static void sort_by_key(double *key, int64_t *ids, int len) {  /* insertion sort: len ~ M/G */
+    for (int i = 1; i < len; i++) {
+        const double kk = key[i];
+        const int64_t id = ids[i];
+        int j = i - 1;
+        for (; j >= 0 && key[j] > kk; j--) { key[j + 1] = key[j]; ids[j + 1] = ids[j]; }
+        key[j + 1] = kk;
+        ids[j + 1] = id;
+    }
+}
+
+/* predict.base.top_groups for rows of `scores` (row r at scores + r * n, its first counts[r]
+ * valid, counts[r] >= k): out (rows, k) the ids, ascending, of the k best groups of each row, those
+ * in previous[r] (prev_len[r] ids, any order; ids past the row ignored) ranked `places` places
+ * higher than they score. Ranks are taken among the k + places best by score (anything below
+ * ranks >= k even when favoured). cand: counts' max int64; key: k + places doubles; flag:
+ * counts' max bytes. Returns 0, or 1 when a row has fewer than k groups (nothing written). */
+int kvswap_top_groups(int rows, int n, const float *scores, const int64_t *counts, int k, int places,
+                      const int64_t *const *previous, const int64_t *prev_len, int64_t *out, int64_t *cand,
+                      double *key, uint8_t *flag) {
+    for (int r = 0; r < rows; r++)
+        if (counts[r] < k || counts[r] > n) return 1;
+    for (int r = 0; r < rows; r++) {
+        const float *s = scores + (int64_t)r * n;
+        const int count = (int)counts[r];
+        const int favour = places > 0 && prev_len[r] > 0;
+        const int c = favour ? (count < k + places ? count : k + places) : k;
+        for (int i = 0; i < count; i++) cand[i] = i;
+        best_first(s, cand, count, c);
+        if (favour) {
+            /* by score, best first; equal scores by id, as `better` */
+            for (int i = 1; i < c; i++) {
+                const int64_t id = cand[i];
+                int j = i - 1;
+                for (; j >= 0 && better(s, id, cand[j]); j--) cand[j + 1] = cand[j];
+                cand[j + 1] = id;
+            }
+            for (int i = 0; i < count; i++) flag[i] = 0;
+            for (int64_t i = 0; i < prev_len[r]; i++)
+                if (previous[r][i] >= 0 && previous[r][i] < count) flag[previous[r][i]] = 1;
+            for (int i = 0; i < c; i++) key[i] = (double)i - (flag[cand[i]] ? places + 0.5 : 0.0);
+            sort_by_key(key, cand, c);
+        }
+        for (int i = 0; i < k; i++) key[i] = (double)cand[i];
+        sort_by_key(key, cand, k);
+        for (int i = 0; i < k; i++) out[(int64_t)r * k + i] = cand[i];
+    }
+    return 0;
+}
