@@ -417,3 +417,14 @@ def test_entrypoint_unwritable_home(fake_kvswap: tuple[Path, Path], tmp_path: Pa
     with tmpfs(home, "1m", readonly=True) if os.geteuid() == 0 else nullcontext(home):
         res = run_entrypoint(fake_kvswap[0], "echo", "served", KVSWAP_HOME=str(home))
     assert res.returncode == 2 and "not writable" in res.stderr and "served" not in res.stdout
+
+
+#: Base images known to ship a C compiler (vLLM's release image: Triton compiles at run time).
+BASES_WITH_A_COMPILER = ("vllm/vllm-openai:",)
+
+
+def test_the_image_can_build_the_selection_kernels(dockerfile: Dockerfile) -> None:
+    """kvswap_vllm/predict/native builds its C kernels at first use, for the CPU it runs on;
+    without a compiler selection still works, slower, so every image brings one."""
+    installs = " ".join(r for r in dockerfile.final.all("RUN") if "apt-get install" in r)
+    assert dockerfile.final.image.startswith(BASES_WITH_A_COMPILER) or re.search(r"\bgcc\b", installs)
