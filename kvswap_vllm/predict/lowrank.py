@@ -62,14 +62,6 @@ def _scratch(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:rows]
 
 
-def _native_scratch(numel: int) -> torch.Tensor:
-    """Per thread, float32 scratch for the C kernels (token masses, the rest's gathered rows)."""
-    buf = _SCRATCH.__dict__.get("native")
-    if buf is None or buf.numel() < numel:
-        buf = _SCRATCH.native = torch.empty(max(numel, int(1.5 * (0 if buf is None else buf.numel()))))
-    return buf[:numel]
-
-
 class _BufferPool:
     """Tensors for a selection's transients that scale with the context (logits, probabilities,
     values: (heads, tokens) each), taken and given back instead of allocated per selection. Both
@@ -349,7 +341,7 @@ class HeadwiseLowRank(JointLowRank):
         if native.available():
             out_lr, rest_lse = torch.empty(s.num_q_heads, self.value_rank), torch.empty(s.num_q_heads)
             native.rest(probs, scored.values, g, groups, scored.out_lr, scored.lse, MIN_REST_MASS, out_lr, rest_lse,
-                        _native_scratch((s.num_q_heads + self.value_rank) * groups.numel() * g))
+                        native.scratch("rest", (s.num_q_heads + self.value_rank) * groups.numel() * g))
         else:
             out_lr, rest_lse = self._rest_in_torch(groups, scored)
         out = torch.bmm(out_lr.view(s.num_kv_heads, s.gqa, -1), self._value_out[layer]).view(s.num_q_heads, -1)
@@ -385,7 +377,7 @@ class HeadwiseLowRank(JointLowRank):
             prod = torch._int_mm(q8, self._rows(layer).T, out=_POOL.take((s.num_q_heads, tokens), torch.int32))
             out_lse = torch.empty(s.num_q_heads)
             native.softmax_groups(prod, qscale.view(-1), self._lr_scale[layer].view(), g, probs, out_lse, group_mass,
-                                  _native_scratch(tokens))
+                                  native.scratch("token_mass", tokens))
             _POOL.give(prod)
             return probs, out_lse
         logits = self._logits(layer, q_lr, q8, out=_POOL.take((s.num_q_heads, tokens), torch.float32))

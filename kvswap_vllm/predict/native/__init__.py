@@ -165,8 +165,8 @@ def rest(probs: torch.Tensor, values: torch.Tensor, group_size: int, groups: tor
         raise ValueError(f"rest: group ids outside the {tokens // group_size} groups scored")
 
 
-def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Per thread, a reused buffer of at least `numel` elements."""
+def scratch(name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per thread and name, a reused buffer of at least `numel` elements (the kernels' scratch)."""
     buf = _local.__dict__.get(name)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, 2 * (0 if buf is None else buf.numel())), dtype=dtype)
@@ -190,8 +190,8 @@ def top_groups(scores: torch.Tensor, counts: list[int], k: int, previous: list[t
         rows, n, scores.data_ptr(), (_I64 * rows)(*counts), k, places,
         (_P * rows)(*[None if p is None else p.data_ptr() for p in prev]),
         (_I64 * rows)(*[0 if p is None else p.numel() for p in prev]), out.data_ptr(),
-        _scratch("cand", n, torch.int64).data_ptr(), _scratch("key", k + places, torch.float64).data_ptr(),
-        _scratch("flag", n, torch.uint8).data_ptr())
+        scratch("cand", n, torch.int64).data_ptr(), scratch("key", k + places, torch.float64).data_ptr(),
+        scratch("flag", n, torch.uint8).data_ptr())
     if status:
         raise ValueError(f"top_groups: a row has fewer than {k} groups or more than its {n} columns")
     return out
